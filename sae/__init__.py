@@ -1,0 +1,1 @@
+"""Sparse autoencoders: architectures, checkpoints, base-model hooking, metrics and text analysis."""
