@@ -1,0 +1,35 @@
+"""One module per architecture, behind a registry keyed by the SAELens `architecture` string."""
+
+from __future__ import annotations
+
+from sae.architectures.base import SAEOutput, SparseAutoencoder, matmul_inst
+from sae.architectures.gated import GatedSAE
+from sae.architectures.jumprelu import JumpReLUSAE
+from sae.architectures.standard import StandardSAE
+from sae.architectures.topk import TopKSAE
+from sae.config import SAEConfig
+
+REGISTRY: dict[str, type[SparseAutoencoder]] = {
+    "standard": StandardSAE,
+    "gated": GatedSAE,
+    "jumprelu": JumpReLUSAE,
+    "topk": TopKSAE,
+}
+
+
+def build_sae(cfg: SAEConfig, seed: int | None = None) -> SparseAutoencoder:
+    """A freshly initialised SAE of `cfg.architecture`."""
+    return REGISTRY[cfg.architecture](cfg, seed=seed)
+
+
+__all__ = [
+    "REGISTRY",
+    "GatedSAE",
+    "JumpReLUSAE",
+    "SAEOutput",
+    "SparseAutoencoder",
+    "StandardSAE",
+    "TopKSAE",
+    "build_sae",
+    "matmul_inst",
+]
