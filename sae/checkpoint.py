@@ -50,9 +50,10 @@ def expected_shapes(cfg: SAEConfig) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
-def sae_folder(root: str | Path, model_name: str, hook_name: str, architecture: str, d_sae: int) -> Path:
-    """`<root>/<base-model>/<hook_name>/<architecture>/F<d_sae>`, the layout of DESIGN.md."""
-    return Path(root) / model_name / hook_name / architecture / f"F{d_sae}"
+def sae_folder(root: str | Path, model_name: str, hook_name: str, run: str, d_sae: int) -> Path:
+    """`<root>/<base-model>/<hook_name>/<run>/F<d_sae>`: DESIGN.md's layout, where `run` is the
+    architecture name or a variant of it (e.g. `standard-nosparsity`), so variants never collide."""
+    return Path(root) / model_name / hook_name / run / f"F{d_sae}"
 
 
 def step_folder(folder: str | Path, step: int) -> Path:
@@ -202,6 +203,8 @@ class CheckpointInfo:
     """What a checkpoints tree listing knows about one SAE folder without loading its weights."""
 
     path: Path
+    run: str
+    """Name of the run folder: the architecture, or e.g. `standard-nosparsity` for a variant."""
     architecture: str
     d_in: int
     d_sae: int
@@ -213,7 +216,7 @@ class CheckpointInfo:
     @property
     def label(self) -> str:
         step = "final" if self.step is None else f"step {self.step}"
-        return f"{self.model_name} · {self.hook_name} · {self.architecture} · F={self.d_sae} · {step}"
+        return f"{self.model_name} · {self.hook_name} · {self.run} · F={self.d_sae} · {step}"
 
 
 def list_checkpoints(root: str | Path) -> list[CheckpointInfo]:
@@ -228,12 +231,13 @@ def list_checkpoints(root: str | Path) -> list[CheckpointInfo]:
         except CheckpointError:
             continue
         step = int(folder.name) if folder.parent.name == STEPS_DIR and folder.name.isdigit() else None
+        final = folder.parent.parent if step is not None else folder
         infos.append(CheckpointInfo(
-            path=folder, architecture=cfg.architecture, d_in=cfg.d_in, d_sae=cfg.d_sae,
+            path=folder, run=final.parent.name, architecture=cfg.architecture, d_in=cfg.d_in, d_sae=cfg.d_sae,
             model_name=str(cfg.metadata.get("model_name", "unknown")),
             hook_name=str(cfg.metadata.get("hook_name", "unknown")), step=step,
         ))
-    return sorted(infos, key=lambda i: (i.model_name, i.hook_name, i.architecture, i.d_sae, i.step or 1 << 62))
+    return sorted(infos, key=lambda i: (i.model_name, i.hook_name, i.run, i.d_sae, i.step or 1 << 62))
 
 
 def download_checkpoints(repo_id: str, cache_dir: str | Path | None = None) -> Path:
