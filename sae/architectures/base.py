@@ -30,7 +30,7 @@ def matmul_inst(x: Tensor, w: Tensor) -> Tensor:
     """`x [batch, *inst, a] @ w [*inst, a, b] -> [batch, *inst, b]`, one matmul per instance."""
     if w.ndim == 2:
         return x @ w
-    return torch.einsum("bia,iab->bib", x, w)
+    return torch.einsum("nia,iab->nib", x, w)
 
 
 def reconstruction_loss(x_hat: Tensor, x: Tensor) -> Tensor:
