@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PYTHON ?= python3
 
-.PHONY: setup run test test-fast lint browser clean
+.PHONY: setup run test test-fast lint browser clean interop
 
 setup: $(VENV)/.installed
 
@@ -35,3 +35,11 @@ lint: setup
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache test-output
+
+# SAELens interop: a separate environment (SAELens is not a dependency of the app or trainer).
+BENCH_VENV ?= .venv-bench
+interop:
+	test -x $(BENCH_VENV)/bin/python || $(PYTHON) -m venv $(BENCH_VENV)
+	echo "torch==2.13.0" > $(BENCH_VENV)/constraints.txt
+	$(BENCH_VENV)/bin/pip install -q -c $(BENCH_VENV)/constraints.txt torch==2.13.0 sae-lens pytest
+	$(BENCH_VENV)/bin/python -m pytest -q tests/test_saelens_interop.py
