@@ -169,7 +169,7 @@ def loss_figure(curves: list[tuple[str, dict[str, list[float]]]]) -> Figure | No
                 terms.append(k)
     preferred = [t for t in CURVE_TERMS if t in terms]
     terms = (preferred or [t for t in terms if "loss" in t.lower() or t.startswith("L_")] or terms)[:4]
-    fig = Figure(figsize=(4.2 * len(terms), 3.2), layout="constrained")
+    fig = Figure(figsize=(3.6 * len(terms) + 1.6, 3.0), layout="constrained")
     axes = fig.subplots(1, len(terms), squeeze=False)[0]
     for ax, term in zip(axes, terms):
         for label, c in curves:
@@ -183,7 +183,8 @@ def loss_figure(curves: list[tuple[str, dict[str, list[float]]]]) -> Figure | No
         if all(v > 0 for _, c in curves if term in c for v in c[term] if math.isfinite(v)):
             ax.set_yscale("log")
         ax.grid(alpha=0.3)
-    axes[0].legend(fontsize=8)
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="outside right upper", fontsize=8, frameon=False)
     return fig
 
 
@@ -348,11 +349,12 @@ def build_ui(ex: Explorer) -> gr.Blocks:
             # ------------------------------------------------------------------ compare
             with gr.Tab("Compare widths", id="compare") as compare_tab:
                 gr.Markdown("Every final checkpoint of the selected base model and hook, on the story from the "
-                            "Explore tab. Training loss curves below (one line per checkpoint).")
+                            "Explore tab (VE = variance explained; *eval* columns come from each checkpoint's "
+                            "metrics.json on the held-out stories). Training curves below, one line per checkpoint.")
                 compare_btn = gr.Button("Compare on my story", variant="primary", elem_id="compare-btn")
                 compare_status = gr.Markdown()
                 compare_df = gr.Dataframe(interactive=False, elem_id="compare-table")
-                loss_plot = gr.Plot(label="Training loss curves", elem_id="loss-plot")
+                loss_plot = gr.Plot(label="Training loss curves", show_label=False, elem_id="loss-plot")
 
             # ------------------------------------------------------------------ toy
             with gr.Tab("Toy models", id="toy"):
@@ -386,29 +388,23 @@ def build_ui(ex: Explorer) -> gr.Blocks:
             gr.Warning(msg)
             return {t: f"⚠️ **{msg}**" for t in targets}
 
-        def second_values(a: A.TextAnalysis, mode: str):
-            if mode == "ce":
-                diff = (a.ce_sae_per_token - a.ce_clean_per_token).clamp_min(0)
-                return diff.nan_to_num(0.0), "CE increase"
-            return a.sq_error, "‖x − x̂‖²"
-
         def render_views(a: A.TextAnalysis, latent: int | None, mode: str, pos: int | None):
-            acts = a.latents[:, latent] if latent is not None and 0 <= latent < a.d_sae else a.latents[:, 0] * 0
-            vals, name = second_values(a, mode)
-            rel = (a.sq_error / a.x_norm_sq.clamp_min(1e-12)).tolist()
-            ce_c, ce_s = a.ce_clean_per_token.tolist(), a.ce_sae_per_token.tolist()
+            acts = A.latent_values(a, latent)
+            vals, name = A.second_view_values(a, mode)
+            infos = A.token_infos(a)
 
             def extra(p: int) -> str:
-                out = f" · rel. error {rel[p]:.3f}"
-                if math.isfinite(ce_c[p]):
-                    out += f" · CE clean {ce_c[p]:.2f} / SAE {ce_s[p]:.2f}"
+                i = infos[p]
+                out = f" · rel. error {i.rel_error:.3f}"
+                if math.isfinite(i.ce_clean):
+                    out += f" · CE clean {i.ce_clean:.2f} / SAE {i.ce_sae:.2f}"
                 return out
 
             act_html = A.tokens_html(a, acts, selected=pos, value_name=f"latent {latent}")
             err_html = A.tokens_html(a, vals, rgb=A.ERR_RGB, selected=pos, value_name=name, extra=extra)
-            peak = float(acts.max()) if acts.numel() else 0.0
-            act_t = (f"**Tokens coloured by latent {latent}** (max on this text {fmt(peak)}; click a token to "
-                     "list its latents)") if latent is not None else "**Tokens** (click one to list its latents)"
+            act_t = (f"**Tokens coloured by latent {latent}** (max on this text {fmt(max(acts, default=0.0))}; "
+                     "click a token to list its latents)") if latent is not None else (
+                     "**Tokens** (click one to list its latents)")
             err_t = ("**Tokens coloured by reconstruction error ‖x − x̂‖²** (darkest = worst)" if mode == "error"
                      else "**Tokens coloured by the CE increase when the SAE is spliced in**")
             return act_html, err_html, act_t, err_t
@@ -417,20 +413,18 @@ def build_ui(ex: Explorer) -> gr.Blocks:
             bm, sae = ex.load(entry)
             if not 0 <= latent < sae.cfg.d_sae:
                 raise A.AnalysisError(f"Latent {latent} does not exist: this SAE has latents 0..{sae.cfg.d_sae - 1}.")
-            col = a.latents[:, latent]
-            n_fired = int((col > 0).sum())
-            here = (f"on this text: max {fmt(float(col.max()))}, fires on {n_fired}/{a.n_tokens} tokens"
-                    if n_fired else "does not fire on this text")
+            here_vals = [v for v in A.latent_values(a, latent) if v > 0]
+            here = (f"on this text: max {fmt(max(here_vals))}, fires on {len(here_vals)}/{a.n_tokens} tokens"
+                    if here_vals else "does not fire on this text")
             stats = ex.cache.latent_stats(entry.info.path)
             strings = ex.cache.token_strings(bm)
-            if stats is not None and stats.d_sae == sae.cfg.d_sae:
-                freq = float(stats.freq[latent])
-                head = (f"### Latent {latent}\nFires on **{freq:.3%}** of {stats.n_tokens:,} held-out tokens · "
-                        f"max activation **{fmt(float(stats.max_act[latent]))}** · {here}.\n\n"
+            summary = A.latent_stats_summary(stats, latent, sae.cfg.d_sae)
+            if stats is not None and summary is not None:
+                head = (f"### Latent {latent}\nFires on **{summary['freq']:.3%}** of {summary['n_tokens']:,} "
+                        f"held-out tokens · max activation **{fmt(summary['max_act'])}** · {here}.\n\n"
                         "**Top-activating contexts** (held-out stories; the max token is bold and underlined):")
                 ctx = A.contexts_html(stats, latent, strings)
-                hist_update = A.histogram_html(stats.hist_edges.tolist(), stats.hist_counts[latent].tolist(),
-                                               col[col > 0].tolist())
+                hist_update = A.histogram_html(summary["hist_edges"], summary["hist_counts"], here_vals)
             else:
                 head = f"### Latent {latent}\n{here}. *No latent statistics saved with this checkpoint.*"
                 ctx, hist_update = "", ""
@@ -524,12 +518,13 @@ def build_ui(ex: Explorer) -> gr.Blocks:
                 a, _ = st
                 pos = int(pos)
                 rows = A.latents_at_token(a, pos, n=30)
-                ce = a.ce_clean_per_token[pos]
-                ce_txt = (f" · CE clean {float(ce):.2f} → with SAE {float(a.ce_sae_per_token[pos]):.2f}"
-                          if math.isfinite(float(ce)) else "")
-                md = (f"**Token #{pos} `{a.tokens[pos]}`** — {len(rows)} latents fire"
-                      f"{' (top 30 shown)' if len(rows) >= 30 else ''} · ‖x − x̂‖² {float(a.sq_error[pos]):.3g}"
-                      f"{ce_txt}. Select a row to inspect the latent.")
+                info = A.token_info(a, pos)
+                ce_txt = (f" · CE clean {info.ce_clean:.2f} → with SAE {info.ce_sae:.2f}"
+                          if math.isfinite(info.ce_clean) else "")
+                md = (f"**Token #{pos} `{a.tokens[pos]}`** — {info.n_fired} latents fire"
+                      f"{f' (top {len(rows)} shown)' if info.n_fired > len(rows) else ''} · "
+                      f"‖x − x̂‖² {info.sq_error:.3g} (relative {info.rel_error:.3f}){ce_txt}. "
+                      "Select a row to inspect the latent.")
                 lat = int(latent) if latent is not None else None
                 act_html, err_html, _, _ = render_views(a, lat, mode, pos)
                 return {token_md: md, sel_pos: pos, tokens_view: act_html, error_view: err_html,
@@ -588,7 +583,7 @@ def build_ui(ex: Explorer) -> gr.Blocks:
             except Exception as err:  # the eval-set columns and loss curves still show
                 out.update(fail(err, compare_status))
             rows = []
-            on_text = (("mse", "MSE"), ("variance_explained", "var. expl."), ("cossim", "cossim"), ("l0", "L0"),
+            on_text = (("mse", "MSE"), ("variance_explained", "VE"), ("cossim", "cossim"), ("l0", "L0"),
                        ("ce_loss_with_sae", "CE with SAE"), ("ce_loss_score", "CE score"), ("kl_div_with_sae", "KL"))
             for e, r in zip(entries, results):
                 trained = A.read_metrics(e.info.path) or {}
@@ -597,9 +592,9 @@ def build_ui(ex: Explorer) -> gr.Blocks:
                     "run": e.info.run, "F": e.info.d_sae, "arch": e.info.architecture,
                     **{name: _round(m.get(k)) if isinstance(m.get(k), float) and math.isfinite(m[k]) else None
                        for k, name in on_text},
-                    "eval var. expl.": _round(_lookup(trained, "variance_explained")),
+                    "eval VE": _round(_lookup(trained, "variance_explained")),
                     "eval L0": _round(_lookup(trained, "l0")),
-                    "eval dead frac.": _round(_lookup(trained, "frac_dead")),
+                    "eval dead": _round(_lookup(trained, "frac_dead")),
                     "eval CE score": _round(_lookup(trained, "ce_loss_score")),
                 })
             out[compare_df] = pd.DataFrame(rows)

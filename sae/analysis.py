@@ -450,6 +450,50 @@ def latents_at_token(analysis: TextAnalysis, pos: int, n: int = 20) -> list[tupl
     return [(int(i), float(v)) for v, i in zip(vals[:k], idx[:k])]
 
 
+class TokenInfo(NamedTuple):
+    n_fired: int
+    sq_error: float
+    rel_error: float
+    """||x - x_hat||^2 / ||x||^2."""
+    ce_clean: float
+    ce_sae: float
+    """NaN at the first token (nothing predicts it)."""
+
+
+def token_info(analysis: TextAnalysis, pos: int) -> TokenInfo:
+    """What the app shows about one token besides its latents."""
+    pos = int(pos)
+    if not 0 <= pos < analysis.n_tokens:
+        raise AnalysisError(f"token position {pos} is outside the text (0..{analysis.n_tokens - 1})")
+    err = float(analysis.sq_error[pos])
+    return TokenInfo(int((analysis.latents[pos] > 0).sum()), err, err / max(float(analysis.x_norm_sq[pos]), 1e-12),
+                     float(analysis.ce_clean_per_token[pos]), float(analysis.ce_sae_per_token[pos]))
+
+
+def token_infos(analysis: TextAnalysis) -> list[TokenInfo]:
+    """`token_info` of every token at once."""
+    fired = (analysis.latents > 0).sum(1).tolist()
+    err = analysis.sq_error.tolist()
+    rel = (analysis.sq_error / analysis.x_norm_sq.clamp_min(1e-12)).tolist()
+    ce_c, ce_s = analysis.ce_clean_per_token.tolist(), analysis.ce_sae_per_token.tolist()
+    return [TokenInfo(*row) for row in zip(fired, err, rel, ce_c, ce_s)]
+
+
+def latent_values(analysis: TextAnalysis, latent: int | None) -> list[float]:
+    """The latent's activation on every token (zeros for None or a latent the SAE lacks)."""
+    if latent is None or not 0 <= int(latent) < analysis.latents.shape[1]:
+        return [0.0] * analysis.latents.shape[0]
+    return analysis.latents[:, int(latent)].tolist()
+
+
+def second_view_values(analysis: TextAnalysis, mode: str) -> tuple[list[float], str]:
+    """Per-token values of the second view: 'error' (||x - x_hat||^2) or 'ce' (CE increase with the SAE, >= 0)."""
+    if mode == "ce":
+        diff = (analysis.ce_sae_per_token - analysis.ce_clean_per_token).clamp_min(0).nan_to_num(0.0)
+        return diff.tolist(), "CE increase"
+    return analysis.sq_error.tolist(), "‖x − x̂‖²"
+
+
 def _final_norm(model: torch.nn.Module) -> torch.nn.Module | None:
     for path in ("transformer.ln_f", "model.norm", "gpt_neox.final_layer_norm", "model.final_layernorm"):
         mod: Any = model
@@ -613,6 +657,15 @@ def histogram_html(edges: Sequence[float], counts: Sequence[float], marks: Seque
         f'<div class="hcap">held-out activation counts, log-spaced bins (peak bin {int(peak):,})'
         f'{" · ticks: this text" if len(marks) else ""}</div></div>'
     )
+
+
+def latent_stats_summary(stats: LatentStats | None, latent: int, d_sae: int) -> dict[str, Any] | None:
+    """freq, max_act, n_tokens, hist_edges, hist_counts of one latent from saved stats (None if unusable)."""
+    if stats is None or stats.d_sae != d_sae or not 0 <= int(latent) < d_sae:
+        return None
+    latent = int(latent)
+    return {"freq": float(stats.freq[latent]), "max_act": float(stats.max_act[latent]), "n_tokens": stats.n_tokens,
+            "hist_edges": stats.hist_edges.tolist(), "hist_counts": stats.hist_counts[latent].tolist()}
 
 
 def timings_line(timings: dict[str, float]) -> str:

@@ -17,7 +17,11 @@ from sae.analysis import (
     clean_text,
     compare_saes,
     decoder_logit_effects,
+    latent_values,
     latents_at_token,
+    second_view_values,
+    token_info,
+    token_infos,
     tokens_html,
     top_latents,
 )
@@ -112,6 +116,9 @@ def test_downstream_losses(bm, sae, analysis):
     assert math.isnan(float(analysis.ce_clean_per_token[0]))
     torch.testing.assert_close(analysis.ce_clean_per_token[1:], clean, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(analysis.ce_sae_per_token[1:], spliced, rtol=1e-4, atol=1e-4)
+    increase, _ = second_view_values(analysis, "ce")
+    assert increase[0] == 0 and increase[1:] == pytest.approx((spliced - clean).clamp_min(0).tolist(), abs=1e-3)
+    assert second_view_values(analysis, "error")[0] == pytest.approx(analysis.sq_error.tolist())
 
 
 def _fake_analysis(analysis, latents):
@@ -136,6 +143,9 @@ def test_top_latent_ranking(analysis):
     assert by_total[0].n_fired == 4 and by_total[0].total_act == pytest.approx(8.0)
     assert [r.latent for r in top_latents(a, by="total", n=2)] == [2, 3]
     assert latents_at_token(a, 1) == [(3, 4.0), (2, 2.0)]
+    assert token_info(a, 1).n_fired == 2
+    assert tuple(token_infos(a)[1]) == pytest.approx(tuple(token_info(a, 1)), nan_ok=True)
+    assert latent_values(a, 3) == [0.0, 4.0, 3.0, 0.0] and latent_values(a, None) == [0.0] * 4
     with pytest.raises(AnalysisError):
         top_latents(a, by="mean")
     with pytest.raises(AnalysisError, match="outside"):
