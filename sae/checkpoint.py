@@ -60,16 +60,24 @@ def step_folder(folder: str | Path, step: int) -> Path:
     return Path(folder) / STEPS_DIR / f"{step:09d}"
 
 
-def write_folder_atomically(folder: str | Path, write: Callable[[Path], None]) -> Path:
+def write_folder_atomically(
+    folder: str | Path, write: Callable[[Path], None], keep: tuple[str, ...] = (STEPS_DIR,)
+) -> Path:
     """Call `write(tmp)` on a fresh temporary folder, then move it to `folder` in one rename.
 
     A crash mid-write leaves only a hidden temporary folder, never a half-written checkpoint.
+    Entries named in `keep` (the intermediate `steps/`) move over from an existing `folder`.
     """
     folder = Path(folder)
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.tmp-", dir=folder.parent))
+    moved: list[str] = []
     try:
         write(tmp)
+        for name in keep:
+            if (folder / name).exists() and not (tmp / name).exists():
+                os.replace(folder / name, tmp / name)
+                moved.append(name)
         if folder.exists():
             old = folder.with_name(f".{folder.name}.old-{os.getpid()}")
             os.replace(folder, old)
@@ -78,6 +86,9 @@ def write_folder_atomically(folder: str | Path, write: Callable[[Path], None]) -
         else:
             os.replace(tmp, folder)
     except BaseException:
+        for name in moved:  # give kept entries back before the temporary folder goes
+            if (tmp / name).exists() and folder.exists():
+                os.replace(tmp / name, folder / name)
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return folder

@@ -84,8 +84,9 @@ def add_dataclass_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
         else:
             default = None
         flag = "--" + f.name.replace("_", "-")
-        help_text = docs.get(f.name, "")
-        help_text = f"{help_text} (default: {default})" if help_text else f"(default: {default})"
+        # %(default)s (not the value itself): ArgumentDefaultsHelpFormatter then adds no second copy.
+        help_text = docs.get(f.name, "").replace("%", "%%")
+        help_text = f"{help_text} (default: %(default)s)" if help_text else "(default: %(default)s)"
         kwargs: dict[str, Any] = {"dest": f.name, "default": default, "help": help_text}
         if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:  # type: ignore[misc]
             kwargs["required"] = True
@@ -105,9 +106,7 @@ def add_dataclass_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
 
 def parse_dataclass(cls: type[T], argv: list[str] | None, prog: str, description: str) -> T:
     """Parse `argv` into an instance of the dataclass `cls` (fields -> flags, docstrings -> help)."""
-    parser = argparse.ArgumentParser(
-        prog=prog, description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter
-    )
+    parser = argparse.ArgumentParser(prog=prog, description=description)
     add_dataclass_arguments(parser, cls)
     ns = parser.parse_args(argv)
     return cls(**vars(ns))

@@ -512,9 +512,6 @@ class MultiSAETrainer:
             if tensors is not None:
                 save_file(tensors, str(tmp / STATE_TENSORS))
                 (tmp / STATE_JSON).write_text(json.dumps(meta) + "\n")
-            steps = folder / STEPS_DIR
-            if steps.is_dir():  # the atomic swap replaces the whole folder: carry the step checkpoints over
-                steps.rename(tmp / STEPS_DIR)
 
         return save_sae(_fold_scale(m.sae, self.scale), folder, log10_sparsity=torch.log10(freq + 1e-10).float(),
                         training_config=training_config, extra=extra)
