@@ -17,6 +17,7 @@ Run it in the separate benchmark venv (sae-lens pins its own dependencies; see B
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import sys
 import time
@@ -112,7 +113,8 @@ def main(argv: list[str] | None = None) -> None:
         try:
             import sae_lens
 
-            print(f"sae-lens {sae_lens.__version__}, torch {torch.__version__}, {torch.get_num_threads()} threads")
+            print(f"sae-lens {sae_lens.__version__}, torch {torch.__version__}, {torch.get_num_threads()} threads, "
+                  f"load average {os.getloadavg()[0]:.1f}")
         except ImportError as err:
             print(f"sae-lens not importable ({err}): timing ours and the ceiling only")
             have_saelens = False
@@ -150,6 +152,7 @@ def main(argv: list[str] | None = None) -> None:
             speed = f"  speed-up x{row['speedup']:.2f}" if "speedup" in row else ""
             print(f"F={d_sae:5d} {arch:8s} ours {tok['ours']:10,.0f} tok/s{extra}{speed}  "
                   f"(dense 10BdF ceiling {ceiling_tok:10,.0f} tok/s at {ceiling:.1f} GFLOP/s)", flush=True)
+    print(f"\nload average at the end: {os.getloadavg()[0]:.1f}")
     print("\n| F | architecture | ours (tok/s) | SAELens (tok/s) | speed-up | dense ceiling (tok/s) | matmul GFLOP/s |")
     print("|---:|---|---:|---:|---:|---:|---:|")
     for r in rows:

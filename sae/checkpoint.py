@@ -71,6 +71,7 @@ def write_folder_atomically(
     folder = Path(folder)
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.tmp-", dir=folder.parent))
+    tmp.chmod(0o755)  # mkdtemp makes it owner-only; a checkpoint folder should be readable like any other
     moved: list[str] = []
     try:
         write(tmp)

@@ -11,6 +11,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "tinystories": ("training.tinystories_cli", "train SAEs of several widths on a language model's residual stream"),
     "base-lm": ("training.base_lm", "train the small offline TinyStories GPT-Neo and its tokenizer"),
     "push": ("training.hub", "upload a checkpoints tree to the Hugging Face Hub (or --dry-run)"),
+    "latents": ("training.latent_report", "print a Markdown table of latents' top-activating contexts"),
 }
 
 

@@ -45,6 +45,8 @@ class EvalConfig:
     """Bins of the per-latent activation histograms."""
     downstream: bool = True
     """Also compute the spliced cross-entropy losses (costs one model forward per SAE)."""
+    splice_budget: int = 64_000_000
+    """Most logits (batch x seq x vocab) per spliced forward pass: SAEs are spliced several at a time."""
 
 
 class EvalSet(NamedTuple):
@@ -120,24 +122,35 @@ def evaluate_saes(
         keep = mask.bool().reshape(-1)
         x = resid.reshape(-1, resid.shape[-1])[keep]  # [n, d], row-major over the stories' real tokens
         xs.append(x)
-        if cfg.downstream:
-            ntm = next_token_mask(ids, mask).float()
-            n_ce += int(ntm.sum())
-            clean = logits_with_replacement(bm, ids, mask, layer, None).float()
-            ce_clean += float((next_token_ce(clean, ids) * ntm).sum())
-            ablated = logits_with_replacement(bm, ids, mask, layer, torch.zeros_like(resid))
-            ce_ablation += float((next_token_ce(ablated.float(), ids) * ntm).sum())
-            del ablated
+        recons = []
         for acc in accs:
             out = acc.sae(resid.reshape(-1, resid.shape[-1]).to(acc.sae.W_enc.dtype))
             lat, rec = out.latents[keep].float(), out.reconstruction.float()
             acc.recon.update(x, rec[keep], lat)
             acc.max_act = torch.maximum(acc.max_act, lat.max(0).values.clamp_min(0))
             acc.top.update(lat, start)
-            if cfg.downstream:
-                spliced = logits_with_replacement(bm, ids, mask, layer, rec.view_as(resid)).float()
-                acc.ce_sae += float((next_token_ce(spliced, ids) * ntm).sum())
-                acc.kl += float((kl_div(clean[:, :-1], spliced[:, :-1]) * ntm).sum())
+            recons.append(rec.view_as(resid))
+        if cfg.downstream:
+            ntm = next_token_mask(ids, mask).float()
+            n_ce += int(ntm.sum())
+            clean = logits_with_replacement(bm, ids, mask, layer, None).float()
+            ce_clean += float((next_token_ce(clean, ids) * ntm).sum())
+            # The zero ablation and every SAE's splice, several per forward pass (stacked along the batch).
+            replacements = [torch.zeros_like(resid), *recons]
+            per_call = max(1, cfg.splice_budget // clean.numel())
+            for c0 in range(0, len(replacements), per_call):
+                chunk = replacements[c0: c0 + per_call]
+                n = len(chunk)
+                logits = logits_with_replacement(bm, ids.repeat(n, 1), mask.repeat(n, 1), layer, torch.cat(chunk))
+                for i, lg in enumerate(logits.float().split(ids.shape[0])):
+                    ce = float((next_token_ce(lg, ids) * ntm).sum())
+                    if c0 + i == 0:
+                        ce_ablation += ce
+                        continue
+                    acc = accs[c0 + i - 1]
+                    acc.ce_sae += ce
+                    acc.kl += float((kl_div(clean[:, :-1], lg[:, :-1]) * ntm).sum())
+                del logits
         start += x.shape[0]
     x_all = torch.cat(xs)
     results, stats = [], []

@@ -8,8 +8,10 @@ because `x - b_dec` needs a gradient (through b_dec), so autograd forms the full
 TopK latents are k-sparse, so everything after the encoder's dense matmul is sparse: the decoder is an
 `embedding_bag` (a gather-and-sum of k decoder rows per token), the gradient of the k activations is a
 sampled dense-dense product (`torch.sparse.sampled_addmm`: only the k entries of `g @ W_dec^T` that are
-needed), and the weight gradients are sparse (CSR, sorted by latent) times dense products. AuxK entries
-join the same sparse products. Cost: 2 B d F (encoder) + O(B (k + aux_k) d) instead of 8-10 B d F.
+needed), and each weight gradient is one `embedding_bag` over the entries sorted by latent (a sparse^T x
+dense product). AuxK entries join the same sparse products. Cost: 2 B d F (encoder) + O(B (k + aux_k) d)
+instead of 8-10 B d F. When k is not small next to F (DENSE_TOPK_RATIO) dense matmuls are faster, and the
+same math runs on dense latents instead (still without the input gradient).
 
 Both functions fill `.grad` of the module's parameters (overwriting it) and return the loss terms as the
 module's `forward` defines them; `tests/test_trainer.py` checks loss and gradients against autograd.
@@ -105,14 +107,16 @@ def _csr(crow: Tensor, col: Tensor, values: Tensor, size: tuple[int, int]) -> Te
 
 
 class _Group(NamedTuple):
-    """Sparse latents of one output: per token, `idx [batch, n]` with values `vals` (pre-activation) and
-    `acts` (ReLU'd); `rows [batch, d_in]` is (up to `scale`) the gradient w.r.t. that output."""
+    """Latents of one output (the reconstruction, or AuxK's): per token, `idx [batch, n]` with values `vals`
+    (pre-activation) and `acts` (ReLU'd); `rows [batch, d_in]` is (up to `scale`) the gradient w.r.t. it."""
 
     vals: Tensor
     idx: Tensor
     acts: Tensor
     rows: Tensor
     scale: float
+    lat: Tensor | None = None
+    """[batch, F] dense latents (dense mode only)."""
 
 
 def topk_loss_and_grads(sae: TopKSAE, x: Tensor, dead_mask: Tensor | None = None) -> StepLosses:
@@ -122,30 +126,37 @@ def topk_loss_and_grads(sae: TopKSAE, x: Tensor, dead_mask: Tensor | None = None
     batch, d_in = x.shape
     n_lat, k = cfg.d_sae, int(cfg.k)  # type: ignore[arg-type]
     scale = 2.0 / (batch * d_in)
+    # The module picks min(aux_k, F) AuxK latents, but picks beyond the dead ones are -inf: they add exactly
+    # nothing to loss or gradients, so only min(aux_k, n_dead) are taken.
+    n_dead = 0 if dead_mask is None or not cfg.aux_k else int(dead_mask.sum())
+    k_aux = min(int(cfg.aux_k or 0), n_dead)
+    dense = (k + k_aux) * DENSE_TOPK_RATIO >= n_lat  # sparse bookkeeping only pays off for small k / F
+
+    def decode(idx: Tensor, acts: Tensor, plus: Tensor, beta: float) -> tuple[Tensor, Tensor | None]:
+        """beta * plus + acts W_dec (no b_dec), and the dense latents when in dense mode."""
+        if dense:
+            lat = torch.zeros(batch, n_lat, dtype=x.dtype).scatter_(1, idx, acts)
+            return torch.addmm(plus, lat, W_dec, beta=beta), lat
+        out = F.embedding_bag(idx, W_dec, per_sample_weights=acts, mode="sum")
+        return out.add_(plus, alpha=beta), None
+
     with torch.no_grad():
         xc = x - b_dec
-        pre = torch.addmm(b_enc, xc, W_enc)  # [batch, F], the only dense [batch, F] tensor
+        pre = torch.addmm(b_enc, xc, W_enc)  # [batch, F]
         vals, idx = pre.topk(k, dim=-1, sorted=False)  # [batch, k]
         acts = vals.clamp_min(0)
-        e = F.embedding_bag(idx, W_dec, per_sample_weights=acts, mode="sum").sub_(xc)  # x_hat - x
+        e, lat = decode(idx, acts, xc, -1.0)  # x_hat - x = acts W_dec + b_dec - x = acts W_dec - xc
         mse = _sq_sum(e) / e.numel()
         aux_loss = mse.new_zeros(())
-        groups = [_Group(vals, idx, acts, e, scale)]
-        n_dead = 0 if dead_mask is None or not cfg.aux_k else int(dead_mask.sum())
-        if n_dead:
-            # The module picks min(aux_k, F) latents, but picks beyond the dead ones are -inf: they add
-            # exactly nothing to loss or gradients, so they are left out.
-            v2, i2 = pre.masked_fill_(~dead_mask, float("-inf")).topk(min(int(cfg.aux_k), n_dead), dim=-1,
-                                                                      sorted=False)
+        groups = [_Group(vals, idx, acts, e, scale, lat)]
+        if k_aux:
+            v2, i2 = pre.masked_fill_(~dead_mask, float("-inf")).topk(k_aux, dim=-1, sorted=False)
             a2 = v2.clamp_min(0)
-            r = F.embedding_bag(i2, W_dec, per_sample_weights=a2, mode="sum").add_(e)  # aux_recon - (x - x_hat)
+            r, lat2 = decode(i2, a2, e, 1.0)  # aux_recon - (x - x_hat)
             aux_loss = cfg.aux_coeff * _sq_sum(r) / r.numel()
-            groups.append(_Group(v2, i2, a2, r, cfg.aux_coeff * scale))
+            groups.append(_Group(v2, i2, a2, r, cfg.aux_coeff * scale, lat2))
         del pre
-        if sum(g.idx.shape[1] for g in groups) * DENSE_TOPK_RATIO >= n_lat:
-            db_enc = _topk_dense_backward(sae, xc, groups)
-        else:
-            db_enc = _topk_sparse_backward(sae, xc, groups)
+        db_enc = _topk_dense_backward(sae, xc, groups) if dense else _topk_sparse_backward(sae, xc, groups)
         _set_grad(b_enc, db_enc)
         _set_grad(b_dec, e.sum(0).mul_(scale) - W_enc @ db_enc)
         fire_counts = torch.bincount(idx.reshape(-1), weights=(acts > 0).reshape(-1).to(x.dtype), minlength=n_lat)
@@ -153,15 +164,17 @@ def topk_loss_and_grads(sae: TopKSAE, x: Tensor, dead_mask: Tensor | None = None
 
 
 def _topk_dense_backward(sae: TopKSAE, xc: Tensor, groups: list[_Group]) -> Tensor:
-    """Weight gradients with dense [rows, F] latents (when k is not small next to F). Returns db_enc."""
-    batch, n_lat = xc.shape[0], sae.cfg.d_sae
+    """Weight gradients with the dense [batch, F] latents of each group. Returns db_enc."""
     W_dec = sae.decoder_param
-    dense = torch.cat([g.rows * g.scale for g in groups])  # [n_groups * batch, d_in]
-    lat = torch.cat([torch.zeros(batch, n_lat, dtype=xc.dtype).scatter_(1, g.idx, g.acts) for g in groups])
-    torch.mm(lat.t(), dense, out=_grad_buffer(W_dec))
-    d_lat = torch.mm(dense, W_dec.t())
-    d_lat = torch.ops.aten.threshold_backward.grad_input(d_lat, lat, 0.0, grad_input=d_lat)  # ReLU backward
-    d_pre = d_lat.view(len(groups), batch, n_lat).sum(0) if len(groups) > 1 else d_lat
+    grad_dec = _grad_buffer(W_dec)
+    d_pre = None
+    for gi, g in enumerate(groups):
+        assert g.lat is not None
+        torch.addmm(grad_dec, g.lat.t(), g.rows, beta=float(gi > 0), alpha=g.scale, out=grad_dec)
+        d_lat = torch.mm(g.rows, W_dec.t())
+        d_lat = torch.ops.aten.threshold_backward.grad_input(d_lat, g.lat, 0.0, grad_input=d_lat)  # ReLU backward
+        d_pre = d_lat.mul_(g.scale) if d_pre is None else d_pre.add_(d_lat, alpha=g.scale)
+    assert d_pre is not None
     torch.mm(xc.t(), d_pre, out=_grad_buffer(sae.W_enc))
     return d_pre.sum(0)
 

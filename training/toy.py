@@ -6,10 +6,11 @@ instances of 5 features in 2 dimensions, where each instance learns a pentagon. 
 (`SAEConfig(n_inst=16, d_in=2, d_sae=5)`) then learns all 16 hidden spaces at once; a feature
 counts as recovered when some decoder row has cosine > 0.99 with its direction (a column of W).
 
-Speed (see bench/bench_toy.py): batches are sampled many at a time from a Bernoulli process over
-the flattened feature grid (geometric gaps between present features, so the work scales with the
-number of *present* features, ~2.5% here), firing counts stay on-tensor, nothing calls `.item()`
-inside the loop, and Adam is the fused CPU/GPU kernel.
+Speed (see bench/bench_toy.py): ~88% of the inputs hold no feature and are exactly zero, and
+identical inputs have identical losses and gradients, so each batch is drawn compactly (the inputs
+holding a feature, plus zero rows weighted by how many empty inputs they stand for: the weighted
+loss equals the full batch's exactly, on ~1/7 of the rows); batches are drawn many at a time,
+firing counts stay on-tensor, nothing calls `.item()` inside the loop, and Adam is the fused kernel.
 """
 
 from __future__ import annotations
@@ -26,7 +27,8 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
-from sae.architectures import SparseAutoencoder, build_sae
+from sae.architectures import SAEOutput, SparseAutoencoder, build_sae
+from sae.architectures.base import matmul_inst, reconstruction_loss
 from sae.checkpoint import CheckpointError, read_json, save_sae, write_folder_atomically
 from sae.config import ARCHITECTURES, SAEConfig
 from sae.metrics import METRICS_VERSION, RECOVERY_THRESHOLD, ReconstructionStats, all_recovered, feature_recovery
@@ -104,9 +106,9 @@ class ToyModel(nn.Module):
         """`x [batch, inst, n_features] -> x' [batch, inst, n_features]`."""
         return torch.relu(torch.einsum("bid,idf->bif", self.hidden(x), self.W) + self.b_final)
 
-    def loss(self, x: Tensor, out: Tensor) -> Tensor:
-        """Importance-weighted squared error, averaged over batch and features, summed over instances."""
-        return (self.importance * (out - x).pow(2)).mean((0, 2)).sum()
+    def loss_per_instance(self, x: Tensor, out: Tensor) -> Tensor:
+        """Importance-weighted squared error averaged over batch and features `[inst]` (minimised summed)."""
+        return (self.importance * (out - x).pow(2)).mean((0, 2))
 
     # --- sampling -------------------------------------------------------------------------------------
     @torch.no_grad()
@@ -166,19 +168,66 @@ class ToyModel(nn.Module):
         h.index_add_(0, rows, mag[:, None] * directions)
         return h.view(n, batch_size, cfg.n_inst, cfg.d_hidden)
 
+    @torch.no_grad()
+    def sample_hidden_compact(self, n: int, batch_size: int, gen: torch.Generator | None = None) -> CompactBatch:
+        """`n` batches of h distributed like `sample_hidden`'s, with the all-zero inputs folded into weighted rows.
+
+        At p = 0.025 about 88% of inputs have no feature at all (h = 0). Identical inputs have identical
+        per-example losses and gradients, and a batch's order does not matter, so per instance we draw
+        how many inputs have a feature (Binomial(batch, 1 - (1-p)^n_features)), draw just those inputs
+        (first present feature by inverse CDF, later ones independently), and let zero rows weighted
+        by the remaining count stand for the rest: the weighted batch mean is that of a full batch,
+        at ~1/7 of the rows.
+        """
+        cfg = self.cfg
+        n_inst, n_feat, dev = cfg.n_inst, cfg.n_features, self.W.device
+        fp = self.feature_probability
+        if self._sample_densely() or not bool((fp == fp[:, :1]).all()):
+            h = self.sample_hidden(n, batch_size, gen)
+            return CompactBatch(h, torch.ones(h.shape[:-1], device=dev))
+        p = fp[:, 0].clamp_min(1e-12)  # [inst]
+        q = 1 - (1 - p) ** n_feat  # P(an input has a feature)
+        counts = torch.binomial(torch.full((n, n_inst), float(batch_size), device=dev), q.expand(n, n_inst),
+                                generator=gen)
+        width = int(counts.max()) + 1  # >= 1 zero row per instance
+        u = torch.rand(n, width, n_inst, generator=gen, device=dev)
+        first = (torch.log1p(-u * q) / torch.log1p(-p)).floor_().clamp_(0, n_feat - 1).long()
+        u = torch.rand(n, width, n_inst, n_feat, generator=gen, device=dev)
+        u.div_(p[:, None])  # given u < p, u / p is uniform on [0, 1): one draw gives presence and magnitude
+        x = u.masked_fill_((u >= 1) | (torch.arange(n_feat, device=dev) <= first[..., None]), 0.0)
+        x.scatter_(-1, first[..., None], torch.rand(n, width, n_inst, 1, generator=gen, device=dev))
+        filled = torch.arange(width, device=dev).view(1, width, 1) < counts[:, None, :]  # [n, width, inst]
+        x.mul_(filled[..., None])
+        h = matmul_inst(x.view(n * width, n_inst, n_feat), self.W.detach().transpose(-1, -2))
+        h = h.view(n, width, n_inst, cfg.d_hidden)
+        weight = torch.where(filled, torch.ones((), device=dev), (batch_size - counts[:, None, :])
+                             / (width - counts[:, None, :]))
+        return CompactBatch(h, weight)
+
+
+class CompactBatch(NamedTuple):
+    h: Tensor
+    """Hidden activations `[*n, rows, inst, d_hidden]`: every nonzero input, then zero rows."""
+    weight: Tensor
+    """How many inputs each row stands for `[*n, rows, inst]`; sums to the batch size per instance."""
+
 
 class BatchStream:
     """Yields one batch at a time out of chunks of `chunk` batches sampled together (cheaper per batch)."""
 
-    def __init__(self, sample: Callable[[int], Tensor], chunk: int) -> None:
+    def __init__(self, sample: Callable[[int], Any], chunk: int) -> None:
         self.sample, self.chunk = sample, max(1, chunk)
-        self.buf: Tensor | None = None
+        self.buf: Any = None
         self.i = 0
+        self.size = 0
 
-    def next(self) -> Tensor:
-        if self.buf is None or self.i == self.buf.shape[0]:
+    def next(self) -> Any:
+        if self.buf is None or self.i == self.size:
             self.buf, self.i = self.sample(self.chunk), 0
+            self.size = len(self.buf[0]) if isinstance(self.buf, tuple) else self.buf.shape[0]
         self.i += 1
+        if isinstance(self.buf, tuple):
+            return type(self.buf)(*(t[self.i - 1] for t in self.buf))
         return self.buf[self.i - 1]
 
 
@@ -199,7 +248,7 @@ def train_toy_model(model: ToyModel, progress: Callable[[int], None] | None = No
     for step in range(cfg.toy_steps):
         x = stream.next()
         out = model(x)
-        per_inst = (model.importance * (out - x).pow(2)).mean((0, 2))
+        per_inst = model.loss_per_instance(x, out)
         per_inst.sum().backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -260,8 +309,9 @@ ARCH_DEFAULTS: dict[str, dict[str, Any]] = {
     "standard": {"sparsity_coeff": 0.2},
     # L1 on ReLU(gate); the auxiliary reconstruction keeps the gate path honest.
     "gated": {"sparsity_coeff": 0.2},
-    # L0 coefficient; thresholds start at 1e-3 with a kernel width of 1e-3.
-    "jumprelu": {"sparsity_coeff": 0.02, "init_threshold": 1e-3, "ste_epsilon": 1e-3},
+    # L0 coefficient. Thresholds and kernel width on the scale of these activations (|h| <~ 1.15): with
+    # 1e-3 (the LM default) the thresholds hardly ever see a gradient and the latents fire on empty inputs.
+    "jumprelu": {"sparsity_coeff": 0.1, "init_threshold": 0.1, "ste_epsilon": 0.05},
     # One latent per input: at most one feature is present in ~99% of inputs at p = 0.025.
     "topk": {"k": 1},
 }
@@ -314,9 +364,16 @@ class ToySAEConfig:
     resample_every: int = 2500
     """Resample dead latents every this many steps (never in the last resample_every steps)."""
     resample_window: int = 500
-    """A latent is dead if it fired on no input in this many steps before a resampling."""
-    resample_scale: float = 0.5
-    """Encoder norm of resampled latents: this times the mean alive encoder norm (advanced) or this (simple)."""
+    """Steps before each resampling over which firing is counted to find the dead latents."""
+    dead_frequency: float = 1e-4
+    """A latent firing on at most this fraction of the window's inputs counts as dead (0: never fired). A little
+    above 0 also catches the nearly dead latents JumpReLU and gated SAEs leave between two features."""
+    resample_scale: float = 1.0
+    """Encoder norm of resampled latents: this times the mean alive encoder norm (advanced) or this (simple).
+    ARENA uses 0.5 and Anthropic 0.2; here 1.0 lets a resampled latent compete with the live ones at once."""
+    resample_loss_power: float = 1.0
+    """advanced: inputs drawn with probability ∝ ||h - h_hat||^(2 * this); 2 is Anthropic's and ARENA's choice,
+    which here favours the rare inputs holding two features, i.e. directions between features."""
     reset_optimizer: bool = True
     """After resampling, give resampled latents a typical Adam state (see reset_optimizer_rows)."""
     aux_dead_steps: int = 200
@@ -421,24 +478,29 @@ def resample_simple(sae: SparseAutoencoder, dead: Tensor, scale: float, gen: tor
 
 @torch.no_grad()
 def resample_advanced(
-    sae: SparseAutoencoder, dead: Tensor, h: Tensor, scale: float, gen: torch.Generator | None = None
+    sae: SparseAutoencoder, dead: Tensor, h: Tensor, weight: Tensor | None, scale: float,
+    gen: torch.Generator | None = None, loss_power: float = 1.0,
 ) -> None:
     """Towards Monosemanticity's resampling, batched over instances.
 
-    Inputs `h [batch, inst, d_in]` are drawn with probability proportional to the square of their
-    reconstruction loss; a dead latent's decoder row becomes the drawn (h - b_dec), normalised, and
-    its encoder column the same direction scaled to `scale` times the mean norm of the instance's
-    alive encoder columns (1 if none is alive). Instances reconstructing everything are left alone.
+    Inputs `h [batch, inst, d_in]` (row multiplicities `weight [batch, inst]`, None: all 1) are drawn
+    with probability proportional to their squared reconstruction error ||h - h_hat||^2 raised to
+    `loss_power` (Anthropic and ARENA square it once more: loss_power 2); a dead latent's decoder
+    row becomes the drawn (h - b_dec), normalised, and its encoder column the same direction scaled to
+    `scale` times the mean norm of the instance's alive encoder columns (1 if none is alive).
+    Instances reconstructing everything are left alone.
     """
     out = sae(h)
     sq_err = (out.reconstruction - h).pow(2).sum(-1).T  # [inst, batch]
-    weights = sq_err.pow(2)
-    usable = sq_err.amax(-1) > 1e-6
+    centered = h - sae.b_dec
+    weights = sq_err.pow(loss_power) if weight is None else sq_err.pow(loss_power) * weight.T
+    weights = weights * (centered.norm(dim=-1).T > 1e-6)  # an input at b_dec has no direction to offer
+    usable = (sq_err.amax(-1) > 1e-6) & (weights.sum(-1) > 0)
     dead = dead & usable[:, None]
     weights = torch.where(usable[:, None], weights, torch.ones_like(weights))
     picks = torch.multinomial(weights, dead.shape[-1], replacement=True, generator=gen)  # [inst, d_sae]
     inst = torch.arange(dead.shape[0], device=dead.device)[:, None]
-    directions = (h - sae.b_dec)[picks, inst]  # [inst, d_sae, d_in]
+    directions = centered[picks, inst]  # [inst, d_sae, d_in]
     directions = directions / directions.norm(dim=-1, keepdim=True).clamp_min(1e-8)
     enc_norms = sae.W_enc.norm(dim=-2)  # [inst, d_sae]
     alive = ~dead
@@ -479,6 +541,21 @@ def reset_optimizer_rows(opt: torch.optim.Adam, sae: SparseAutoencoder, mask: Te
         state["exp_avg"].masked_fill_(m, 0.0)
 
 
+def weighted_forward(sae: SparseAutoencoder, x: Tensor, weight: Tensor, batch_size: int,
+                     dead_mask: Tensor | None = None) -> SAEOutput:
+    """`sae(x)` with row `b` of instance `i` counted `weight[b, i]` times in batch means over `batch_size` inputs.
+
+    Uses the architecture's own contract (pre_acts, activation, decode, loss_terms), so every loss term
+    is the library's; with all weights 1 and batch_size = len(x) it equals `sae(x, dead_mask)`.
+    """
+    pre = sae.pre_acts(x)
+    latents = sae.activation(pre)
+    x_hat = sae.decode(latents)
+    terms = {"L_reconstruction": reconstruction_loss(x_hat, x), **sae.loss_terms(x, pre, latents, x_hat, dead_mask)}
+    losses = {name: (term * weight).sum(0) / batch_size for name, term in terms.items()}
+    return SAEOutput(sum(losses.values()).sum(), losses, latents, x_hat)  # type: ignore[arg-type]
+
+
 def train_toy_sae(
     model: ToyModel,
     cfg: ToySAEConfig,
@@ -491,7 +568,7 @@ def train_toy_sae(
     sae_cfg = cfg.sae_config(model.cfg.n_inst, model.cfg.d_hidden)
     sae = build_sae(sae_cfg, seed=cfg.seed).to(device)
     opt = _adam(sae.parameters(), cfg.lr, (cfg.beta1, cfg.beta2))
-    stream = BatchStream(lambda n: model.sample_hidden(n, cfg.batch_size, gen), cfg.chunk)
+    stream = BatchStream(lambda n: model.sample_hidden_compact(n, cfg.batch_size, gen), cfg.chunk)
     use_aux = sae_cfg.architecture == "topk" and bool(sae_cfg.aux_k)
 
     n_inst, n_lat = sae_cfg.n_inst or 1, sae_cfg.d_sae
@@ -515,9 +592,9 @@ def train_toy_sae(
             for group in opt.param_groups:
                 group["lr"] = lr
             lr_now = lr
-        h = stream.next()
+        h, weight = stream.next()
         dead_mask = since_fired >= cfg.aux_dead_steps if use_aux else None
-        out = sae(h, dead_mask)
+        out = weighted_forward(sae, h, weight, cfg.batch_size, dead_mask)
         out.loss.backward()
         if cfg.remove_parallel_grad:
             sae.remove_parallel_decoder_grad_()
@@ -526,7 +603,7 @@ def train_toy_sae(
         sae.normalize_decoder_()
 
         with torch.no_grad():
-            fired = (out.latents > 0).sum(0).float()  # [inst, d_sae]
+            fired = ((out.latents > 0) * weight[..., None]).sum(0)  # inputs each latent fired on [inst, d_sae]
             log_fired += fired
             if step % cfg.resample_every >= cfg.resample_every - cfg.resample_window:
                 window_fired += fired
@@ -535,11 +612,11 @@ def train_toy_sae(
 
         done = step + 1
         if cfg.resample != "none" and done % cfg.resample_every == 0 and done <= cfg.steps - cfg.resample_every:
-            dead = window_fired == 0
+            dead = window_fired <= cfg.dead_frequency * cfg.resample_window * cfg.batch_size
             if cfg.resample == "simple":
                 resample_simple(sae, dead, cfg.resample_scale, gen)
             else:
-                resample_advanced(sae, dead, stream.next(), cfg.resample_scale, gen)
+                resample_advanced(sae, dead, *stream.next(), cfg.resample_scale, gen, cfg.resample_loss_power)
             if cfg.reset_optimizer:
                 reset_optimizer_rows(opt, sae, dead)
             resample_steps.append(done)
@@ -553,7 +630,7 @@ def train_toy_sae(
             log_fired = torch.zeros_like(log_fired)
             last_log = done
             if progress is not None:
-                progress(step, {"loss": float(out.loss), "lr": lr,
+                progress(step, {"loss": float(out.loss.detach()), "lr": lr,
                                 "frac_active": float(log_rows[-1][3].mean())})
         if done % cfg.snapshot_every == 0 or done == cfg.steps:
             snapshot(done)
@@ -674,7 +751,7 @@ def save_run(folder: str | Path, model: ToyModel, cfg: ToySAEConfig, run: ToySAE
                      metadata={"model_name": MODEL_NAME, "hook_name": HOOK_NAME, "instance": i,
                                "run": run_name(cfg), "toy_model": f"../{TOY_MODEL_FILE}",
                                "n_features": model.cfg.n_features,
-                               "feature_probability": model.feature_probability[i].tolist()},
+                               "feature_probability": [round(v, 6) for v in model.feature_probability[i].tolist()]},
                      log10_sparsity=log10_sparsity[i], metrics=metrics["instances"][i], training_config=config)
         (tmp / RUN_METRICS_FILE).write_text(json.dumps(metrics, indent=2) + "\n")
         (tmp / RUN_CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")

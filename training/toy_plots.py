@@ -10,7 +10,6 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import torch
 from matplotlib.animation import PillowWriter
 from matplotlib.figure import Figure
 from torch import Tensor
@@ -84,28 +83,31 @@ def plot_features(true_dirs: Tensor, sae: SparseAutoencoder, best_cos: Tensor, p
     fig.savefig(path)
 
 
-def animate_training(true_dirs: Tensor, log: Any, path: str | Path, title: str = "", max_frames: int = 41,
-                     fps: int = 6) -> None:
+def animate_training(true_dirs: Tensor, log: Any, path: str | Path, title: str = "", max_frames: int = 33,
+                     fps: int = 6, dpi: int = 50) -> None:
     """GIF of the decoder rows moving during training (`log`: a ToyTrainLog with W_dec snapshots)."""
     true_dirs = true_dirs.detach().cpu()
     snaps, steps = log.W_dec, log.snapshot_steps.tolist()
     picks = sorted({round(k * (len(steps) - 1) / max(max_frames - 1, 1)) for k in range(max_frames)})
     n_inst = true_dirs.shape[0]
     lim = 1.15 * max(float(true_dirs.norm(dim=-1).max()), 1.0)
-    fig, axes = _grid(n_inst, 6.4, dpi=60)
+    fig, axes = _grid(n_inst, 6.4, dpi=dpi)
     lines, tips = [], []
     final = snaps[-1]
     for i, ax in enumerate(axes):
         _panel(ax, true_dirs[i], lim)
         colors = _nearest_feature(true_dirs[i], final[i])
-        lines.append([ax.plot([], [], color=_FEATURE_COLORS[c % 10], lw=1.6, zorder=3)[0] for c in colors])
-        tips.append([ax.plot([], [], "x", color=_FEATURE_COLORS[c % 10], ms=5, zorder=4)[0] for c in colors])
+        # no antialiasing: flat colors keep the GIF small
+        lines.append([ax.plot([], [], color=_FEATURE_COLORS[c % 10], lw=1.6, zorder=3, antialiased=False)[0]
+                      for c in colors])
+        tips.append([ax.plot([], [], "x", color=_FEATURE_COLORS[c % 10], ms=5, zorder=4, antialiased=False)[0]
+                     for c in colors])
         ax.set_title(f"inst {i}", fontsize=8)
     text = fig.suptitle("", fontsize=10)
     fig.tight_layout(rect=(0, 0, 1, 0.95))
     resampled = set(getattr(log, "resample_steps", []))
     writer = PillowWriter(fps=fps)
-    with writer.saving(fig, str(path), dpi=60):
+    with writer.saving(fig, str(path), dpi=dpi):
         for k in picks:
             for i in range(n_inst):
                 for j, (x, y) in enumerate(snaps[k, i].tolist()):
@@ -138,25 +140,17 @@ def plot_recovery_summary(rows: Sequence[dict[str, Any]], path: str | Path) -> N
         bars = ax_rec.bar(xs, rec, width, label=method, color=color)
         ax_rec.bar_label(bars, fontsize=8)
         bars = ax_dead.bar(xs, dead, width, label=method, color=color)
-        ax_dead.bar_label(bars, fmt="%.0f", fontsize=8)
+        ax_dead.bar_label(bars, fmt="%.1f", fontsize=8)
     for ax in (ax_rec, ax_dead):
         ax.set_xticks(range(len(archs)), archs)
         ax.spines[["top", "right"]].set_visible(False)
-    ax_rec.set_ylim(0, n_inst + 1.5)
+    ax_rec.set_ylim(0, n_inst + 1)
     ax_rec.set_ylabel(f"instances (of {n_inst}) recovering all features")
     ax_rec.set_title(f"feature recovery (cos > {RECOVERY_THRESHOLD})", fontsize=10)
     ax_dead.set_ylabel("dead latents (%)")
     ax_dead.set_title("dead latents after training", fontsize=10)
-    ax_rec.legend(title="resampling", fontsize=8, title_fontsize=8, loc="upper left", ncols=len(methods))
-    fig.tight_layout()
+    handles, labels = ax_rec.get_legend_handles_labels()
+    fig.legend(handles, labels, title="dead-latent resampling", fontsize=8, title_fontsize=8, loc="lower center",
+               ncols=len(methods), frameon=False)
+    fig.tight_layout(rect=(0, 0.1, 1, 1))
     fig.savefig(path)
-
-
-def loss_curves(log: Any) -> dict[str, Tensor]:
-    """Per-log-row means over instances of each loss term and of frac_active (for quick plots)."""
-    out = {name: v.mean(-1) for name, v in log.losses.items()}
-    out["frac_active"] = log.frac_active.mean((-1, -2))
-    return out
-
-
-__all__ = ["animate_training", "loss_curves", "plot_features", "plot_recovery_summary", "torch"]
