@@ -31,7 +31,10 @@ def context_line(stats: LatentStats, tokenizer, latent: int, j: int) -> str:
         if tid < 0:
             continue
         text = tokenizer.decode([tid]).replace("\n", "↵").replace("|", "\\|")
-        pieces.append(f"**{text}**" if k == int(stats.top_center[latent, j]) else text)
+        if k == int(stats.top_center[latent, j]):
+            stripped = text.lstrip()  # Markdown bold may not start with a space
+            text = f"{text[: len(text) - len(stripped)]}**{stripped}**"
+        pieces.append(text)
     return "".join(pieces).strip()
 
 
