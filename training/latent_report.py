@@ -33,7 +33,7 @@ def context_line(stats: LatentStats, tokenizer, latent: int, j: int) -> str:
         text = tokenizer.decode([tid]).replace("\n", "↵").replace("|", "\\|")
         if k == int(stats.top_center[latent, j]):
             stripped = text.lstrip()  # Markdown bold may not start with a space
-            text = f"{text[: len(text) - len(stripped)]}**{stripped}**"
+            text = f"{text[: len(text) - len(stripped)]}**{stripped or '␣'}**"
         pieces.append(text)
     return "".join(pieces).strip()
 
