@@ -13,18 +13,17 @@ from __future__ import annotations
 import json
 import os
 import re
-import socket
-import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 from typing import NamedTuple
-from urllib.parse import urlparse
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from sae.hub import hub_reachable
 
 RANDOM_PREFIX = "random:"
 FLAGSHIP = "roneneldan/TinyStories-33M"
@@ -110,25 +109,6 @@ def gpt2_tokenizer():
     return tok
 
 
-def _hub_reachable(timeout: float = 3.0) -> bool:
-    """A quick TCP probe of the Hub endpoint, so an offline machine fails in seconds, not after retries."""
-    url = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
-    host, port = url.hostname or "huggingface.co", url.port or (443 if url.scheme == "https" else 80)
-    ok: list[bool] = []
-
-    def probe() -> None:
-        try:
-            socket.create_connection((host, port), timeout=timeout).close()
-            ok.append(True)
-        except OSError:
-            pass
-
-    t = threading.Thread(target=probe, daemon=True)  # DNS lookups ignore socket timeouts
-    t.start()
-    t.join(timeout + 1)
-    return bool(ok)
-
-
 def _offline_hint(what: str) -> str:
     return (
         f"{what}. Pass a local Hugging Face model folder (e.g. checkpoints/tinystories-mini) or, for the "
@@ -171,7 +151,7 @@ def _load_pretrained(source: str):
     elif _looks_like_path(source) or local.exists():
         raise BaseModelLoadError(_offline_hint(f"model folder {local} does not exist"))
     else:
-        offline = os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes") or not _hub_reachable()
+        offline = os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes") or not hub_reachable()
         kwargs, name = {"local_files_only": True} if offline else {}, source.rstrip("/").split("/")[-1]
     try:
         tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)

@@ -13,15 +13,13 @@ import argparse
 import json
 import os
 import shutil
-import socket
 import sys
-import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple
-from urllib.parse import urlparse
 
 from sae.checkpoint import METRICS_FILE, TRAINING_CONFIG_FILE, CheckpointInfo, list_checkpoints
+from sae.hub import hub_endpoint, hub_reachable
 
 EXCLUDED_NAMES = {"trainer_state.json", "trainer_state.safetensors", "__pycache__"}
 """Files and folders never uploaded (resumable optimizer state is large and only useful locally)."""
@@ -32,29 +30,6 @@ DATASET_LICENSE = "cdla-sharing-1.0"
 
 class PushError(RuntimeError):
     """The push could not be done; the message says why. Local files are untouched."""
-
-
-def hub_endpoint() -> str:
-    return os.environ.get("HF_ENDPOINT", "https://huggingface.co").rstrip("/")
-
-
-def hub_reachable(timeout: float = 3.0) -> bool:
-    """A TCP connect to the Hub endpoint within `timeout` s (DNS included), so offline fails fast."""
-    url = urlparse(hub_endpoint())
-    host, port = url.hostname or "huggingface.co", url.port or (443 if url.scheme == "https" else 80)
-    ok: list[bool] = []
-
-    def probe() -> None:
-        try:
-            socket.create_connection((host, port), timeout=timeout).close()
-            ok.append(True)
-        except OSError:
-            pass
-
-    t = threading.Thread(target=probe, daemon=True)  # getaddrinfo ignores socket timeouts
-    t.start()
-    t.join(timeout + 0.5)
-    return bool(ok)
 
 
 class UploadPlan(NamedTuple):

@@ -25,9 +25,9 @@ import torch
 from sae.base_model import BaseModel, BaseModelLoadError, hf_hidden_states_index, hook_name, load_base_model
 from sae.checkpoint import sae_folder
 from sae.dataclass_cli import parse_dataclass
+from sae.hub import hub_reachable
 from training.activations import ActivationBuffer, TokenBatch, harvest_activations, tokenize_stories
 from training.evaluate import EvalConfig, eval_set, evaluate_folders
-from training.hub import hub_reachable
 from training.stories import default_stories_path, load_stories, split_stories
 from training.trainer import MultiSAETrainer, TrainerConfig, activation_scale, build_specs
 
