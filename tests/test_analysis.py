@@ -4,7 +4,7 @@ import math
 
 import pytest
 import torch
-from transformers import GPTNeoConfig, GPTNeoForCausalLM
+from conftest import save_tiny_gpt_neo
 
 from sae.analysis import (
     MAX_CHARS,
@@ -26,7 +26,7 @@ from sae.analysis import (
     top_latents,
 )
 from sae.architectures import build_sae
-from sae.base_model import gpt2_tokenizer, load_base_model, logits_with_replacement, residual_at
+from sae.base_model import load_base_model, logits_with_replacement, residual_at
 from sae.checkpoint import sae_folder, save_sae
 from sae.config import SAEConfig
 from sae.metrics import kl_div, next_token_ce
@@ -48,13 +48,7 @@ def _sae(d_sae: int, d_in: int = D, seed: int = 0, **meta) -> torch.nn.Module:
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("models") / "tiny-neo"
-    torch.manual_seed(0)
-    cfg = GPTNeoConfig(vocab_size=50257, hidden_size=D, num_layers=2, num_heads=4, max_position_embeddings=CONTEXT,
-                       attention_types=[[["global", "local"], 1]], window_size=16, intermediate_size=64)
-    GPTNeoForCausalLM(cfg).save_pretrained(folder)
-    gpt2_tokenizer().save_pretrained(folder)
-    return folder
+    return save_tiny_gpt_neo(tmp_path_factory.mktemp("models") / "tiny-neo", hidden=D, layers=2, positions=CONTEXT)
 
 
 @pytest.fixture(scope="module")

@@ -2,10 +2,10 @@ import json
 
 import pytest
 import torch
-from transformers import GPTNeoConfig, GPTNeoForCausalLM
+from conftest import save_tiny_gpt_neo
 
 from sae.architectures import build_sae
-from sae.base_model import downstream_losses, gpt2_tokenizer, load_base_model, residual_at
+from sae.base_model import downstream_losses, load_base_model, residual_at
 from sae.checkpoint import load_sae, save_sae
 from sae.config import SAEConfig
 from sae.latent_stats import LatentStats
@@ -23,24 +23,9 @@ STORIES = [
 ]  # 36 stories: every 10th (3 of them) is held out
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
-    torch.manual_seed(0)
-    cfg = GPTNeoConfig(vocab_size=50257, hidden_size=32, num_layers=4, num_heads=4, max_position_embeddings=128,
-                       attention_types=[[["global", "local"], 2]], window_size=16, intermediate_size=64,
-                       initializer_range=0.1)  # fmt: skip
-    folder = tmp_path_factory.mktemp("models") / "tiny-neo"
-    GPTNeoForCausalLM(cfg).save_pretrained(folder)
-    gpt2_tokenizer().save_pretrained(folder)
-    return folder
+    return save_tiny_gpt_neo(tmp_path_factory.mktemp("models") / "tiny-neo", initializer_range=0.1)
 
 
 @pytest.fixture(scope="module")

@@ -25,15 +25,6 @@ from training.trainer import (
 D = 12
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: thread start-up costs more than it saves (and the CI machine is shared)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def _acts(n=600, d=D, seed=0):
     g = torch.Generator().manual_seed(seed)
     return torch.randn(n, d, generator=g) * 3 + 0.5
