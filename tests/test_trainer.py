@@ -72,7 +72,7 @@ def test_specs_and_variants(tmp_path):
                                                          ("standard", 40)]
     nosp = [s for s in specs if s.run == "standard-nosparsity"]
     assert nosp and all(s.cfg.sparsity_coeff == 0 and s.cfg.architecture == "standard" for s in nosp)
-    assert all(s.cfg.sparsity_coeff == pytest.approx(5.0 / D) for s in specs if s.run == "standard")
+    assert all(s.cfg.sparsity_coeff == pytest.approx(2.0 / D) for s in specs if s.run == "standard")
     assert all(s.cfg.k == 3 for s in specs if s.run == "topk")
     with pytest.raises(ValueError, match="unknown architecture"):
         build_specs(_cfg(architectures=["nope"]), D, lambda r, f: tmp_path, {})

@@ -69,9 +69,11 @@ VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
 }
 """Run names accepted by `--architectures`: an architecture, or a variant (architecture + overrides)."""
 
-DEFAULT_SPARSITY = {"standard": 5.0, "gated": 5.0, "jumprelu": 0.5}
+DEFAULT_SPARSITY = {"standard": 2.0, "gated": 5.0, "jumprelu": 0.5}
 """Default sparsity coefficient x d_in. The library's reconstruction loss is a mean over d_in, so lambda =
-5 / d_in is Anthropic's lambda = 5 for a summed loss, on inputs scaled to E||x||^2 = d_in."""
+5 / d_in is Anthropic's lambda = 5 for a summed loss, on inputs scaled to E||x||^2 = d_in. Standard uses 2:
+on tinystories-mini (F = 1000, 2,500 steps) it gave L0 28 at variance explained 0.90, where 5 collapsed
+to L0 ~9 at variance explained 0.43."""
 
 
 @dataclass
@@ -97,7 +99,7 @@ class TrainerConfig:
     """Adam beta2."""
     sparsity_coeff: float | None = None
     """Sparsity coefficient (L1 for standard/gated, L0 for jumprelu; variants may override it).
-    None: DEFAULT_SPARSITY[architecture] / d_in (5 / d_in for L1, 0.5 / d_in for jumprelu's L0)."""
+    None: DEFAULT_SPARSITY[architecture] / d_in (standard 2 / d_in, gated 5 / d_in, jumprelu's L0 0.5 / d_in)."""
     sparsity_warmup_steps: int = 1000
     """Linear warm-up of the sparsity coefficient from 0."""
     k: int = 32
