@@ -11,12 +11,19 @@ the env var `SAE_HUB_REPOS` (comma-separated). The server listens on `PORT` / `G
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import logging
 import math
 import os
+import socket
+import subprocess
+import sys
+import tempfile
 import threading
 import time
+import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -729,6 +736,63 @@ def main(argv: list[str] | None = None) -> None:
     demo.queue(default_concurrency_limit=max(1, args.concurrency))
     demo.launch(server_name=args.host, server_port=args.port, css=CSS, show_error=False,
                 allowed_paths=[str(s.root) for s in ex.catalog.sources], footer_links=["api"])
+
+
+class AppStartError(RuntimeError):
+    """The app subprocess exited, or did not answer in time; the message ends with its log."""
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def serve_in_subprocess(
+    args: list[str], env: dict[str, str] | None = None, timeout: float = 60.0, log_path: Path | None = None
+) -> Iterator[str]:
+    """Run `python app.py ARGS` on a free local port; yield its URL once it answers, stop it afterwards.
+
+    For the browser tests and the latency benchmark. The app's output goes to `log_path` (kept), or to a
+    temporary file removed at the end. Raises AppStartError, with the end of the log, when the app exits
+    or does not answer within `timeout` seconds.
+    """
+    port = free_port()
+    env = {**os.environ, "GRADIO_ANALYTICS_ENABLED": "False", "SAE_HUB_REPOS": "",
+           "no_proxy": "127.0.0.1,localhost", "NO_PROXY": "127.0.0.1,localhost", **(env or {})}
+    keep_log = log_path is not None
+    if log_path is None:
+        fd, name = tempfile.mkstemp(suffix=".log")
+        os.close(fd)
+        log_path = Path(name)
+    with log_path.open("w") as log:
+        proc = subprocess.Popen([sys.executable, str(HERE / "app.py"), *args, "--port", str(port),
+                                 "--host", "127.0.0.1"], cwd=HERE, env=env, stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}/"
+    try:
+        deadline = time.time() + timeout
+        while True:
+            if proc.poll() is not None:
+                raise AppStartError(f"app exited with {proc.returncode}:\n{log_path.read_text()[-3000:]}")
+            try:
+                urllib.request.urlopen(url, timeout=2).read(100)
+                break
+            except OSError as err:
+                if time.time() > deadline:
+                    raise AppStartError(
+                        f"app did not start within {timeout:.0f} s:\n{log_path.read_text()[-3000:]}"
+                    ) from err
+                time.sleep(0.5)
+        yield url
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        if not keep_log:
+            log_path.unlink(missing_ok=True)
 
 
 if __name__ == "__main__":

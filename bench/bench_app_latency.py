@@ -20,12 +20,9 @@ import os
 import platform
 import re
 import shutil
-import socket
-import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -159,12 +156,6 @@ def make_story(model_source: str, n_tokens: int) -> str:
     return story
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def percentile(xs: list[float], q: float) -> float:
     xs = sorted(xs)
     if not xs:
@@ -174,63 +165,56 @@ def percentile(xs: list[float], q: float) -> float:
     return xs[lo] + (xs[hi] - xs[lo]) * (k - lo)
 
 
+def measure(url: str, story: str, target: tuple, args: argparse.Namespace):
+    """Warm-up plus timed `/analyze` calls: per-phase server timings, round trips (ms), tokens, load."""
+    from gradio_client import Client
+
+    model_name, hook, run, width = target
+    client = Client(url, verbose=False)
+    load_avg = [os.getloadavg()[0]]
+    call = (story, model_name, hook, run, str(width), "final", "max", "error")
+    phases: dict[str, list[float]] = {k: [] for k, _ in PHASES}
+    rtt: list[float] = []
+    n_tok = None
+    for i in range(args.warmup + args.requests):
+        t0 = time.perf_counter()
+        out = client.predict(*call, api_name="/analyze")
+        dt = (time.perf_counter() - t0) * 1e3
+        timings = next((o for o in out if isinstance(o, dict) and "model_forward" in o), None)
+        if timings is None:
+            status = next((o for o in out if isinstance(o, str) and "⚠" in o), out)
+            sys.exit(f"the app did not analyse the story: {status}")
+        if n_tok is None:
+            n_tok = next((int(m.group(1)) for o in out if isinstance(o, str)
+                          for m in [re.search(r"Analysed \*\*(\d+) tokens", o)] if m), None)
+        if i >= args.warmup:
+            rtt.append(dt)
+            for k, _ in PHASES:
+                phases[k].append(float(timings.get(k, float("nan"))))
+    load_avg.append(os.getloadavg()[0])
+    return phases, rtt, n_tok, load_avg
+
+
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     root, model_name, hook, run, width = resolve_target(args)
     model_source = args.model or str(root / model_name)
     story = make_story(model_source, args.tokens)
-    port = free_port()
-    cmd = [sys.executable, str(ROOT / "app.py"), "--checkpoints", str(root), "--port", str(port),
-           "--host", "127.0.0.1"]
+    app_args = ["--checkpoints", str(root)]
     if args.model:
-        cmd += ["--base-model", f"{model_name}={args.model}"]
-    env = {**os.environ, "GRADIO_ANALYTICS_ENABLED": "False", "SAE_HUB_REPOS": "",
-           "no_proxy": "127.0.0.1,localhost", "NO_PROXY": "127.0.0.1,localhost"}
-    log = tempfile.NamedTemporaryFile("w+", suffix=".log", delete=False)
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}/"
-    try:
-        deadline = time.time() + 120
-        while True:
-            if proc.poll() is not None:
-                sys.exit(f"app exited with {proc.returncode}; log: {log.name}")
-            try:
-                urllib.request.urlopen(url, timeout=2).read(10)
-                break
-            except OSError:
-                if time.time() > deadline:
-                    sys.exit(f"app did not start in 120 s; log: {log.name}")
-                time.sleep(0.5)
-        from gradio_client import Client
+        app_args += ["--base-model", f"{model_name}={args.model}"]
+    sys.path.insert(0, str(ROOT))
+    from app import AppStartError, serve_in_subprocess
 
-        client = Client(url, verbose=False)
-        load_avg = [os.getloadavg()[0]]
-        call = (story, model_name, hook, run, str(width), "final", "max", "error")
-        phases: dict[str, list[float]] = {k: [] for k, _ in PHASES}
-        rtt: list[float] = []
-        n_tok = None
-        for i in range(args.warmup + args.requests):
-            t0 = time.perf_counter()
-            out = client.predict(*call, api_name="/analyze")
-            dt = (time.perf_counter() - t0) * 1e3
-            timings = next((o for o in out if isinstance(o, dict) and "model_forward" in o), None)
-            if timings is None:
-                status = next((o for o in out if isinstance(o, str) and "⚠" in o), out)
-                sys.exit(f"the app did not analyse the story: {status}")
-            if n_tok is None:
-                n_tok = next((int(m.group(1)) for o in out if isinstance(o, str)
-                              for m in [re.search(r"Analysed \*\*(\d+) tokens", o)] if m), None)
-            if i >= args.warmup:
-                rtt.append(dt)
-                for k, _ in PHASES:
-                    phases[k].append(float(timings.get(k, float("nan"))))
-        load_avg.append(os.getloadavg()[0])
+    log_path = Path(tempfile.mkstemp(suffix=".log")[1])
+    try:
+        with serve_in_subprocess(app_args, timeout=120, log_path=log_path) as url:
+            phases, rtt, n_tok, load_avg = measure(url, story, (model_name, hook, run, width), args)
+        app_log = log_path.read_text()
+    except AppStartError as err:
+        sys.exit(str(err))
     finally:
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        log_path.unlink(missing_ok=True)
         if args.synthetic:
             shutil.rmtree(root, ignore_errors=True)
 
@@ -243,8 +227,7 @@ def main(argv: list[str] | None = None) -> None:
     table = ["| phase | p50 (ms) | p95 (ms) |", "|---|---:|---:|"]
     table += [f"| {label} | {p50:.1f} | {p95:.1f} |" for label, p50, p95 in rows]
     verdict = "meets" if p50_total < 300 else "misses"
-    log.seek(0)
-    m = re.search(r"(\d+) torch threads", log.read())
+    m = re.search(r"(\d+) torch threads", app_log)
     threads = m.group(1) if m else "?"
     load = " / ".join(f"{x:.1f}" for x in load_avg)
     cpu = (f"{platform.machine()}, {os.cpu_count()} CPU cores, {threads} torch thread(s) per request (app default: "

@@ -13,11 +13,7 @@ import json
 import os
 import re
 import shutil
-import socket
-import subprocess
 import sys
-import time
-import urllib.request
 from pathlib import Path
 
 import pytest
@@ -27,6 +23,7 @@ ROOT = Path(__file__).resolve().parents[2]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from app import AppStartError, serve_in_subprocess  # noqa: E402
 from sae.architectures import build_sae  # noqa: E402
 from sae.base_model import gpt2_tokenizer, load_base_model, residual_at  # noqa: E402
 from sae.checkpoint import sae_folder, save_sae, step_folder  # noqa: E402
@@ -150,43 +147,16 @@ def build_fixture(root: Path) -> Path:
 # ---------------------------------------------------------------------------------------- app process
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def app_url(tmp_path_factory):
     root = build_fixture(tmp_path_factory.mktemp("ckpts"))
-    port = _free_port()
-    log_path = tmp_path_factory.mktemp("log") / "app.log"
-    env = {**os.environ, "GRADIO_ANALYTICS_ENABLED": "False", "HF_HUB_OFFLINE": "1", "SAE_HUB_REPOS": "",
-           "no_proxy": "127.0.0.1,localhost", "NO_PROXY": "127.0.0.1,localhost"}
-    with log_path.open("w") as log:
-        proc = subprocess.Popen([sys.executable, str(ROOT / "app.py"), "--checkpoints", str(root),
-                                 "--port", str(port), "--host", "127.0.0.1"],
-                                cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}/"
     try:
-        deadline = time.time() + 60
-        while True:
-            if proc.poll() is not None:
-                pytest.fail(f"app exited with {proc.returncode}:\n{log_path.read_text()[-3000:]}")
-            try:
-                urllib.request.urlopen(url, timeout=2).read(100)
-                break
-            except OSError:
-                if time.time() > deadline:
-                    pytest.fail(f"app did not start within 60 s:\n{log_path.read_text()[-3000:]}")
-                time.sleep(0.5)
-        yield url
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        log_path = tmp_path_factory.mktemp("log") / "app.log"
+        with serve_in_subprocess(["--checkpoints", str(root)], env={"HF_HUB_OFFLINE": "1"}, timeout=60,
+                                 log_path=log_path) as url:
+            yield url
+    except AppStartError as err:
+        pytest.fail(str(err))
 
 
 @pytest.fixture(scope="module")
