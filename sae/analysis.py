@@ -43,7 +43,14 @@ from sae.checkpoint import (
     read_json,
 )
 from sae.latent_stats import LatentStats
-from sae.metrics import ReconstructionStats, ce_loss_score, per_token_sq_error
+from sae.metrics import (
+    ReconstructionStats,
+    ce_loss_score,
+    kl_div_from_logp,
+    next_token_ce_from_logp,
+    next_token_logp,
+    per_token_sq_error,
+)
 
 MAX_CHARS = 5_000
 """Longest text (after cleaning) the app analyses."""
@@ -283,15 +290,9 @@ def _clean_logits_and_residual(bm: BaseModel, ids: Tensor, layer: int) -> tuple[
     return logits[0].float(), captured[0][0].clone()
 
 
-def _next_token_logp(logits: Tensor) -> Tensor:
-    """[T-1, vocab] log-probabilities of the next token at positions 0..T-2 (computed once per row)."""
-    return torch.log_softmax(logits[:-1].float(), dim=-1)
-
-
 def _per_token_ce(logp: Tensor, ids: Tensor) -> Tensor:
-    """[T] CE of predicting token t (NaN at t = 0), as `sae.metrics.next_token_ce` defines it."""
-    ce = -logp.gather(-1, ids[1:, None].to(logp.device)).squeeze(-1)
-    return torch.cat([torch.full((1,), float("nan")), ce.cpu()])
+    """[T] CE of predicting token t from `next_token_logp` of one row (NaN at t = 0: nothing predicts it)."""
+    return torch.cat([torch.full((1,), float("nan")), next_token_ce_from_logp(logp, ids).cpu()])
 
 
 def _run(
@@ -360,17 +361,16 @@ def _run_locked(
         reps = [torch.zeros_like(resid)] + [xh.to(resid.dtype) for _, xh, _, _, _ in per_sae]
         logits = [clean_logits, *_spliced_logits(bm, ids, idx, reps)]
         with torch.inference_mode():
-            logp_clean = _next_token_logp(logits[0])
-            p_clean = logp_clean.exp()
+            logp_clean = next_token_logp(logits[0])
             ce_clean_tok = _per_token_ce(logp_clean, ids)
-            ce_zero_tok = _per_token_ce(_next_token_logp(logits[1]), ids)
+            ce_zero_tok = _per_token_ce(next_token_logp(logits[1]), ids)
             ce_clean, ce_zero = float(ce_clean_tok[1:].mean()), float(ce_zero_tok[1:].mean())
             ce_rows = []
             for (_, _, _, metrics, _), spliced in zip(per_sae, logits[2:]):
-                logp = _next_token_logp(spliced)
+                logp = next_token_logp(spliced)
                 ce_sae_tok = _per_token_ce(logp, ids)
                 ce_sae = float(ce_sae_tok[1:].mean())
-                kl = (p_clean * (logp_clean - logp)).sum(-1)  # KL(clean || SAE), as sae.metrics.kl_div
+                kl = kl_div_from_logp(logp_clean, logp)  # KL(clean || SAE)
                 metrics.update(
                     ce_loss_without_sae=ce_clean, ce_loss_with_sae=ce_sae, ce_loss_with_ablation=ce_zero,
                     ce_loss_score=ce_loss_score(ce_clean, ce_sae, ce_zero), kl_div_with_sae=float(kl.mean()),

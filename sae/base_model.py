@@ -20,10 +20,10 @@ from pathlib import Path
 from typing import NamedTuple
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from sae.hub import hub_reachable
+from sae.metrics import kl_div, next_token_ce
 
 RANDOM_PREFIX = "random:"
 FLAGSHIP = "roneneldan/TinyStories-33M"
@@ -267,8 +267,7 @@ def next_token_mask(input_ids: Tensor, attention_mask: Tensor | None) -> Tensor:
 
 def next_token_losses(logits: Tensor, input_ids: Tensor, attention_mask: Tensor | None) -> Tensor:
     """Float[Tensor, "batch seq-1"]: cross-entropy of predicting token t+1 at t; 0 where masked."""
-    input_ids = input_ids.to(logits.device)
-    ce = F.cross_entropy(logits[:, :-1].float().transpose(1, 2), input_ids[:, 1:], reduction="none")
+    ce = next_token_ce(logits, input_ids.to(logits.device))
     return ce * next_token_mask(input_ids, attention_mask).to(ce.device)
 
 
@@ -304,9 +303,7 @@ def downstream_losses(
     def mean_ce(logits: Tensor) -> float:
         return float(next_token_losses(logits, input_ids, attention_mask).sum() / max(n, 1))
 
-    logp_clean = clean[:, :-1].float().log_softmax(-1)
-    logp_spliced = spliced[:, :-1].float().log_softmax(-1)
-    kl = (logp_clean.exp() * (logp_clean - logp_spliced)).sum(-1)
+    kl = kl_div(clean[:, :-1], spliced[:, :-1])
     return DownstreamLosses(
         ce_clean=mean_ce(clean),
         ce_spliced=mean_ce(spliced),

@@ -122,20 +122,32 @@ def ce_loss_score(ce_clean: float, ce_with_sae: float, ce_with_ablation: float) 
     return float("nan") if denom == 0 else (ce_with_ablation - ce_with_sae) / denom
 
 
+def next_token_logp(logits: Tensor) -> Tensor:
+    """Log-probabilities of the next token, `[..., seq, vocab] -> [..., seq-1, vocab]` (float32)."""
+    return torch.log_softmax(logits[..., :-1, :].float(), dim=-1)
+
+
+def next_token_ce_from_logp(logp: Tensor, input_ids: Tensor) -> Tensor:
+    """Cross-entropy of each next token `[..., seq-1]` from `next_token_logp` (reused for KL too)."""
+    return -logp.gather(-1, input_ids[..., 1:, None].to(logp.device)).squeeze(-1)
+
+
 def next_token_ce(logits: Tensor, input_ids: Tensor, mask: Tensor | None = None) -> Tensor:
     """Per-position next-token cross-entropy `[batch, seq-1]` (position t predicts token t+1)."""
-    logp = torch.log_softmax(logits[:, :-1].float(), dim=-1)
-    ce = -logp.gather(-1, input_ids[:, 1:, None]).squeeze(-1)
+    ce = next_token_ce_from_logp(next_token_logp(logits), input_ids)
     if mask is not None:
         ce = ce * mask[:, 1:].to(ce.dtype)
     return ce
 
 
+def kl_div_from_logp(logp: Tensor, logq: Tensor) -> Tensor:
+    """KL(p || q) per position from log-probabilities, `[..., vocab] -> [...]`."""
+    return (logp.exp() * (logp - logq)).sum(-1)
+
+
 def kl_div(logits_p: Tensor, logits_q: Tensor) -> Tensor:
     """KL(p || q) per position, `[batch, seq, vocab] -> [batch, seq]` (p: clean, q: with the SAE)."""
-    logp = torch.log_softmax(logits_p.float(), dim=-1)
-    logq = torch.log_softmax(logits_q.float(), dim=-1)
-    return (logp.exp() * (logp - logq)).sum(-1)
+    return kl_div_from_logp(torch.log_softmax(logits_p.float(), dim=-1), torch.log_softmax(logits_q.float(), dim=-1))
 
 
 def feature_recovery(true_directions: Tensor, decoder: Tensor) -> Tensor:
