@@ -23,11 +23,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from sae.architectures import build_sae  # noqa: E402
-from sae.config import SAEConfig  # noqa: E402
-from training.optim import constrained_step, make_adam  # noqa: E402
-from training.resampling import ADAM_POLICIES, resample_dead_latents  # noqa: E402
-from training.toy import ToyModel, ToyModelConfig  # noqa: E402
+from sae.architectures import build_sae
+from sae.config import SAEConfig
+from training.optim import constrained_step, make_adam
+from training.resampling import ADAM_POLICIES, resample_dead_latents
+from training.toy import ToyModel, ToyModelConfig
 
 
 def lm_like_batches(d_in: int, n_dirs: int, batch: int, gen: torch.Generator):
