@@ -23,14 +23,7 @@ from torch import Tensor
 
 from sae.architectures import SparseAutoencoder, build_sae
 from sae.config import SAEConfig
-
-CFG_FILE = "cfg.json"
-WEIGHTS_FILE = "sae_weights.safetensors"
-SPARSITY_FILE = "sparsity.safetensors"
-METRICS_FILE = "metrics.json"
-TRAINING_CONFIG_FILE = "training_config.json"
-STEPS_DIR = "steps"
-"""Intermediate checkpoints of an SAE live in `<sae folder>/steps/<step>/`, each a full SAE folder."""
+from sae.layout import CFG_FILE, METRICS_FILE, SPARSITY_FILE, STEPS_DIR, TRAINING_CONFIG_FILE, WEIGHTS_FILE
 
 
 class CheckpointError(ValueError):
@@ -93,6 +86,19 @@ def write_folder_atomically(
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return folder
+
+
+def replace_file_atomically(folder: Path, name: str, write: Callable[[Path], None]) -> Path:
+    """Write `folder/name` through a temporary file in the same folder and one rename (atomic)."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{name}.", dir=folder)
+    os.close(fd)
+    try:
+        write(Path(tmp))
+        os.replace(tmp, folder / name)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return folder / name
 
 
 def _write_json(path: Path, obj: Any) -> None:

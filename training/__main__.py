@@ -7,7 +7,7 @@ import sys
 
 # command -> (module exposing `main(argv)`, one-line summary)
 COMMANDS: dict[str, tuple[str, str]] = {
-    "toy": ("training.toy_cli", "train SAEs on toy models of superposition (all instances at once)"),
+    "toy": ("training.toy.cli", "train SAEs on toy models of superposition (all instances at once)"),
     "tinystories": ("training.tinystories_cli", "train SAEs of several widths on a language model's residual stream"),
     "base-lm": ("training.base_lm", "train the small offline TinyStories GPT-Neo and its tokenizer"),
     "push": ("training.hub", "upload a checkpoints tree to the Hugging Face Hub (or --dry-run)"),
