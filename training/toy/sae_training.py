@@ -178,6 +178,46 @@ class ToySAERun(NamedTuple):
     log: ToyTrainLog
 
 
+class _Recorder:
+    """Collects what becomes the ToyTrainLog: log rows, decoder snapshots, resampling events."""
+
+    def __init__(self, n_inst: int, n_lat: int, device: torch.device) -> None:
+        self.n_inst, self.n_lat = n_inst, n_lat
+        self.fired = torch.zeros(n_inst, n_lat, device=device)  # since the last log row
+        self.rows: list[tuple[int, float, dict[str, Tensor], Tensor]] = []
+        self.snaps: list[tuple[int, Tensor, Tensor]] = []
+        self.resample_steps: list[int] = []
+        self.n_resampled: list[Tensor] = []
+        self.last_log = 0
+
+    def snapshot(self, step: int, sae: SparseAutoencoder) -> None:
+        self.snaps.append((step, sae.W_dec.detach().clone(), sae.W_enc.detach().clone()))
+
+    def log_row(self, step: int, lr: float, losses: dict[str, Tensor], batch_size: int) -> Tensor:
+        """Append a row for `step`; returns its firing fractions `[inst, d_sae]`."""
+        frac = self.fired / ((step + 1 - self.last_log) * batch_size)
+        self.rows.append((step, lr, {name: v.detach() for name, v in losses.items()}, frac))
+        self.fired = torch.zeros_like(self.fired)
+        self.last_log = step + 1
+        return frac
+
+    def finish(self) -> ToyTrainLog:
+        rows, snaps = self.rows, self.snaps
+        names = list(rows[0][2]) if rows else []
+        return ToyTrainLog(
+            steps=torch.tensor([r[0] for r in rows]),
+            lr=torch.tensor([r[1] for r in rows]),
+            losses={n: torch.stack([r[2][n] for r in rows]).cpu() for n in names},
+            frac_active=torch.stack([r[3] for r in rows]).cpu() if rows else torch.empty(0, self.n_inst, self.n_lat),
+            snapshot_steps=torch.tensor([s[0] for s in snaps]),
+            W_dec=torch.stack([s[1] for s in snaps]).cpu(),
+            W_enc=torch.stack([s[2] for s in snaps]).cpu(),
+            resample_steps=self.resample_steps,
+            n_resampled=(torch.stack(self.n_resampled).cpu() if self.n_resampled
+                         else torch.empty(0, self.n_inst, dtype=torch.long)),
+        )
+
+
 def train_toy_sae(
     model: ToyModel,
     cfg: ToySAEConfig,
@@ -192,23 +232,12 @@ def train_toy_sae(
     opt = make_adam(sae.parameters(), cfg.lr, (cfg.beta1, cfg.beta2))
     stream = BatchStream(lambda n: model.sample_hidden_compact(n, cfg.batch_size, gen), cfg.chunk)
     use_aux = sae_cfg.architecture == "topk" and bool(sae_cfg.aux_k)
-
-    n_inst, n_lat = sae_cfg.n_inst or 1, sae_cfg.d_sae
-    log_fired = torch.zeros(n_inst, n_lat, device=device)
-    window_fired = torch.zeros(n_inst, n_lat, device=device)
-    since_fired = torch.zeros(n_inst, n_lat, device=device)
-    log_rows: list[tuple[int, float, dict[str, Tensor], Tensor]] = []
-    snaps: list[tuple[int, Tensor, Tensor]] = []
-    resample_steps: list[int] = []
-    n_resampled: list[Tensor] = []
-    last_log = 0
+    rec = _Recorder(sae_cfg.n_inst or 1, sae_cfg.d_sae, device)
+    window_fired = torch.zeros_like(rec.fired)  # over the window before each resampling
+    since_fired = torch.zeros_like(rec.fired)  # steps since each latent last fired (AuxK's dead latents)
     schedule = cfg.schedule()
     lr_now = schedule.lr(0)
-
-    def snapshot(step: int) -> None:
-        snaps.append((step, sae.W_dec.detach().clone(), sae.W_enc.detach().clone()))
-
-    snapshot(0)
+    rec.snapshot(0, sae)
     for step in range(cfg.steps):
         lr = schedule.lr(step)
         if lr != lr_now:
@@ -224,7 +253,7 @@ def train_toy_sae(
 
         with torch.no_grad():
             fired = ((out.latents > 0) * weight[..., None]).sum(0)  # inputs each latent fired on [inst, d_sae]
-            log_fired += fired
+            rec.fired += fired
             if step % cfg.resample_every >= cfg.resample_every - cfg.resample_window:
                 window_fired += fired
             if use_aux:
@@ -237,34 +266,15 @@ def train_toy_sae(
             dead = resample_dead_latents(sae, dead, cfg.resample, x=h_new, weight=w_new, scale=cfg.resample_scale,
                                          gen=gen, loss_power=cfg.resample_loss_power,
                                          opt=opt if cfg.reset_optimizer else None)
-            resample_steps.append(done)
-            n_resampled.append(dead.sum(-1))
+            rec.resample_steps.append(done)
+            rec.n_resampled.append(dead.sum(-1))
             window_fired.zero_()
             since_fired.zero_()
 
         if step % cfg.log_every == 0 or done == cfg.steps:
-            losses = {name: v.detach() for name, v in out.losses.items()}
-            log_rows.append((step, lr, losses, log_fired / ((done - last_log) * cfg.batch_size)))
-            log_fired = torch.zeros_like(log_fired)
-            last_log = done
+            frac = rec.log_row(step, lr, out.losses, cfg.batch_size)
             if progress is not None:
-                progress(step, {"loss": float(out.loss.detach()), "lr": lr,
-                                "frac_active": float(log_rows[-1][3].mean())})
+                progress(step, {"loss": float(out.loss.detach()), "lr": lr, "frac_active": float(frac.mean())})
         if done % cfg.snapshot_every == 0 or done == cfg.steps:
-            snapshot(done)
-
-    names = list(log_rows[0][2]) if log_rows else []
-    log = ToyTrainLog(
-        steps=torch.tensor([r[0] for r in log_rows]),
-        lr=torch.tensor([r[1] for r in log_rows]),
-        losses={n: torch.stack([r[2][n] for r in log_rows]).cpu() for n in names},
-        frac_active=torch.stack([r[3] for r in log_rows]).cpu() if log_rows else torch.empty(0, n_inst, n_lat),
-        snapshot_steps=torch.tensor([s[0] for s in snaps]),
-        W_dec=torch.stack([s[1] for s in snaps]).cpu(),
-        W_enc=torch.stack([s[2] for s in snaps]).cpu(),
-        resample_steps=resample_steps,
-        n_resampled=torch.stack(n_resampled).cpu() if n_resampled else torch.empty(0, n_inst, dtype=torch.long),
-    )
-    return ToySAERun(sae.eval(), log)
-
-
+            rec.snapshot(done, sae)
+    return ToySAERun(sae.eval(), rec.finish())
