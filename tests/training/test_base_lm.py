@@ -191,3 +191,29 @@ def test_help(capsys):
     assert err.value.code == 0
     out = capsys.readouterr().out
     assert "--resume" in out and "--vocab-size" in out and "--d-model" in out
+
+
+def test_two_sources_are_held_out_separately_and_exported_in_fp16(stories_file, tmp_path):
+    from safetensors import safe_open
+
+    from sae.base_model import load_base_model
+    from training.lm_eval import held_out_perplexity
+    from training.stories import load_stories, split_stories
+
+    second = write_stories(tmp_path / "second.txt", n=20)
+    args = tiny_args(stories_file, tmp_path, "two", steps=6)
+    args[args.index("--data") + 1 : args.index("--data") + 2] = [str(stories_file), str(second)]
+    base_lm.main(args)
+    out = tmp_path / "two" / "out"
+    summary = json.loads((out / "training_summary.json").read_text())
+    assert summary["train_stories"] == 36 + 18 and summary["val_stories"] == 4 + 2
+    assert len(summary["data"]) == 2 and len(summary["held_out"]) == 2
+    with safe_open(str(out / "model.safetensors"), "pt") as f:
+        assert {f.get_tensor(k).dtype for k in f.keys()} == {torch.float16}
+    base = load_base_model(str(out))
+    assert base.model.dtype == torch.float32  # upcast for the CPU
+    val = split_stories(load_stories(second), 10).val
+    recomputed = held_out_perplexity(base.model, base.tokenizer, val)
+    reported = summary["held_out"][next(k for k in summary["held_out"] if k.endswith("second.txt"))]
+    assert reported["stories"] == 2 and reported["tokens"] == recomputed.tokens
+    assert reported["mean_loss"] == pytest.approx(recomputed.mean_loss, abs=2e-3)  # fp32 export vs fp16 reload
