@@ -64,10 +64,10 @@ def write_folder_atomically(
     folder = Path(folder)
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.tmp-", dir=folder.parent))
-    tmp.chmod(0o755)  # mkdtemp makes it owner-only; a checkpoint folder should be readable like any other
     moved: list[str] = []
     try:
         write(tmp)
+        _usual_permissions(tmp)
         for name in keep:
             if (folder / name).exists() and not (tmp / name).exists():
                 os.replace(folder / name, tmp / name)
@@ -86,6 +86,15 @@ def write_folder_atomically(
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return folder
+
+
+def _usual_permissions(root: Path) -> None:
+    """mkdtemp (and some writers, e.g. via mkstemp) create owner-only entries: give them the umask's permissions."""
+    umask = os.umask(0)
+    os.umask(umask)
+    root.chmod(0o777 & ~umask)
+    for path in root.rglob("*"):
+        path.chmod((0o777 if path.is_dir() else 0o666) & ~umask)
 
 
 def replace_file_atomically(folder: Path, name: str, write: Callable[[Path], None]) -> Path:

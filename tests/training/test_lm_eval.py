@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from sae.base_model import load_base_model
-from tests.conftest import save_tiny_gpt_neo
+from tests.helpers import save_tiny_gpt_neo
 from training.lm_eval import held_out_perplexity
 
 
