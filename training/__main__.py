@@ -9,6 +9,7 @@ import sys
 COMMANDS: dict[str, tuple[str, str]] = {
     "toy": ("training.toy_cli", "train SAEs on toy models of superposition (all instances at once)"),
     "tinystories": ("training.tinystories_cli", "train SAEs of several widths on a language model's residual stream"),
+    "cache-activations": ("training.cache_cli", "harvest residual-stream activations once into a memory-mapped cache"),
     "base-lm": ("training.base_lm", "train the small offline TinyStories GPT-Neo and its tokenizer"),
     "push": ("training.hub", "upload a checkpoints tree to the Hugging Face Hub (or --dry-run)"),
     "latents": ("training.latent_report", "print a Markdown table of latents' top-activating contexts"),
