@@ -17,5 +17,5 @@ class StandardSAE(SparseAutoencoder):
     def activation(self, pre: Tensor) -> Tensor:
         return torch.relu(pre)
 
-    def loss_terms(self, x, pre, latents, x_hat, dead_mask) -> dict[str, Tensor]:
-        return {"L_sparsity": self.cfg.sparsity_coeff * latents.abs().sum(-1)}
+    def loss_terms(self, x, pre, latents, x_hat, dead_mask, sparsity_coeff) -> dict[str, Tensor]:
+        return {"L_sparsity": sparsity_coeff * latents.abs().sum(-1)}
