@@ -122,8 +122,14 @@ def story_source(cfg: ModelDataConfig) -> tuple[StorySource, str]:
                                f"{offline_advice()}.")
     if cfg.max_stories is not None and cfg.max_stories < 10:
         raise TinyStoriesError(f"--max-stories {cfg.max_stories} is too few (every 10th story is held out; need >= 10)")
-    return StorySource(str(Path(data).expanduser()) if is_file else data, cfg.max_stories), (
-        portable(data) if is_file else data)
+    source = StorySource(str(Path(data).expanduser()) if is_file else data, cfg.max_stories)
+    try:  # fail now, not after the model has loaded and the first chunks were harvested
+        next(iter(source.read("train")))
+    except StopIteration:
+        raise TinyStoriesError(f"{data} holds no training stories") from None
+    except (UnicodeDecodeError, ValueError, OSError, RuntimeError) as err:
+        raise TinyStoriesError(f"cannot read the stories of {data}: {err}") from err
+    return source, (portable(data) if is_file else data)
 
 
 def checkpoint_metadata(bm: BaseModel, model_path: str, hub_id: str | None, layer: int, context: int,

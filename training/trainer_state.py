@@ -66,6 +66,16 @@ def make_member(cfg: TrainerConfig, spec: SAESpec) -> Member:
 
 
 
+def place_member(m: Member, device: torch.device | str) -> Member:
+    """`m` with its SAE, counters and RNG on `device` (before the first step: Adam has no state yet)."""
+    device = torch.device(device)
+    if device.type == "cpu":
+        return m
+    m.sae.to(device)
+    m.steps_since_fired, m.fire_counts = m.steps_since_fired.to(device), m.fire_counts.to(device)
+    m.gen = torch.Generator(device).manual_seed(m.gen.initial_seed())
+    return m
+
 
 def fold_scale(sae: SparseAutoencoder, scale: float) -> SparseAutoencoder:
     """An untied copy that reads raw activations: trained on s x, so W_enc * s, W_dec / s, b_dec / s."""
@@ -127,6 +137,12 @@ def resumable_steps(folder: Path) -> list[int]:
     if not root.is_dir():
         return []
     return sorted(int(p.name) for p in root.iterdir() if p.name.isdigit() and has_state(p))
+
+
+def common_resumable_step(folders: list[Path]) -> int:
+    """The newest step every folder has a resumable checkpoint of (0: none)."""
+    common = set.intersection(*(set(resumable_steps(f)) for f in folders)) if folders else set()
+    return max(common, default=0)
 
 
 

@@ -2,9 +2,9 @@ import json
 
 import pytest
 import torch
-from conftest import save_tiny_gpt_neo
 
 from sae.base_model import load_base_model
+from tests.helpers import save_tiny_gpt_neo
 from training.activation_cache import MANIFEST_FILE, CacheActivations, CacheError, read_manifest
 from training.cache_cli import main as cache_main
 from training.story_stream import StoryChunkStream, StorySource
