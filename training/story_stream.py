@@ -8,8 +8,8 @@ epoch and the activation cache (which records its chunks) shards the same way. A
 source the next epoch starts from its beginning. `state_dict()` is the position right after the last
 chunk handed out (JSON-able); `load_state_dict` seeks there without re-reading what came before.
 
-Held-out stories: every 10th story of a file (as `training.stories.split_stories`); the `validation`
-split of a Hub dataset (a Hub dataset's train split is all training data).
+Held-out stories: every 10th story of a file (`is_held_out`, also used by `training.stories.split_stories`);
+the `validation` split of a Hub dataset (a Hub dataset's train split is all training data).
 """
 
 from __future__ import annotations
@@ -19,10 +19,15 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, NamedTuple
 
-from training.stories import STORY_SEPARATOR
-
+STORY_SEPARATOR = "<|endoftext|>"
+"""A line holding only this separates two stories of a stories file."""
 VAL_EVERY = 10
 """Story i of a file (0-based) is held out when i % VAL_EVERY == VAL_EVERY - 1."""
+
+
+def is_held_out(index: int, val_every: int = VAL_EVERY) -> bool:
+    """Whether story `index` of a file is a validation story (never trained on)."""
+    return index % val_every == val_every - 1
 
 
 def is_stories_file(spec: str) -> bool:
@@ -137,8 +142,7 @@ class StorySource:
             if self.max_stories is not None and story.index >= self.max_stories:
                 return
             if self.splits_file():
-                held_out = story.index % VAL_EVERY == VAL_EVERY - 1
-                if held_out != (split == "validation"):
+                if is_held_out(story.index) != (split == "validation"):
                     continue
             yield story
 

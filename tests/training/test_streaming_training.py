@@ -52,3 +52,38 @@ def test_training_from_the_cache_equals_training_from_the_stream(tiny_cli_inputs
     _same(streamed, _weights(cached.folders))
     with pytest.raises(TinyStoriesError, match="no manifest"):
         run(_cfg(model, stories, tmp_path / "x", activations=tmp_path / "stream"))
+
+
+def test_flags_keep_their_names_and_the_new_ones_have_help(capsys):
+    from training.cache_cli import main as cache_cli_main
+    from training.tinystories_cli import main
+
+    for entry in (main, cache_cli_main):
+        with pytest.raises(SystemExit) as exc:
+            entry(["--help"])
+        assert exc.value.code == 0
+    out = capsys.readouterr().out
+    for flag in ("--preset", "--data", "--max-stories", "--steps", "--batch-size", "--widths", "--architectures",
+                 "--evaluate", "--progress", "--threads", "--out", "--buffer-size", "--activations", "--device",
+                 "--model-dtype", "--dist-timeout", "--dtype", "--shard-tokens"):
+        assert flag in out, flag
+
+
+def test_the_flagship_preset_adds_the_plain_reconstruction():
+    from training.tinystories_cli import _trainer_config
+
+    cfg = _trainer_config(TinyStoriesConfig(preset="tinystories-33m"))
+    assert cfg.architectures == ["standard", "topk", "standard-nosparsity"] and cfg.checkpoint_every == 5000
+    assert cfg.widths == ["100", "d-1", "d", "1000"]
+    assert _trainer_config(TinyStoriesConfig(preset="tinystories-33m", architectures=["topk"])).architectures == [
+        "topk"]
+    assert _trainer_config(TinyStoriesConfig()).architectures == ["standard", "topk"]
+
+
+def test_unavailable_device_and_too_small_buffer_are_clear_errors(tiny_cli_inputs, tmp_path):
+    model, stories = tiny_cli_inputs
+    if not torch.cuda.is_available():
+        with pytest.raises(TinyStoriesError, match="no CUDA GPU"):
+            run(_cfg(model, stories, tmp_path, device="cuda"))
+    with pytest.raises(TinyStoriesError, match="at least two batches"):
+        run(_cfg(model, stories, tmp_path, buffer_size=40))
