@@ -16,16 +16,7 @@ import torch
 
 from sae.dataclass_cli import parse_dataclass
 from training.activation_cache import write_cache
-from training.lm_inputs import (
-    ModelDataConfig,
-    TinyStoriesError,
-    checkpoint_metadata,
-    device_for,
-    load_model,
-    story_source,
-)
-from training.story_stream import StoryChunkStream
-from training.streaming import StoryActivations
+from training.lm_inputs import ModelDataConfig, TinyStoriesError, device_for, stream_inputs
 
 DESCRIPTION = (
     "Run the training stories once through the language model (stopped after the hooked block) and store the "
@@ -54,12 +45,7 @@ def cache_activations(cfg: CacheConfig) -> dict[str, Any]:
     """Harvest and write the cache; returns its manifest."""
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    device = device_for(cfg)
-    bm, model_path, hub_id = load_model(cfg, device)
-    source, dataset_path = story_source(cfg)
-    context = min(cfg.context_size, bm.context_size)
-    metadata = checkpoint_metadata(bm, model_path, hub_id, cfg.layer, context, dataset_path)
-    harvester = StoryActivations(bm, StoryChunkStream(source, cfg.harvest_batch_size), cfg.layer, context)
+    bm, metadata, harvester = stream_inputs(cfg, device_for(cfg))
     info = {"metadata": metadata, "model_dtype": cfg.model_dtype, "chunk_stories": cfg.harvest_batch_size,
             "max_stories": cfg.max_stories, **{k: metadata[k] for k in ("model_name", "hook_name", "context_size",
                                                                          "dataset_path")}}

@@ -16,8 +16,8 @@ from sae.base_model import BaseModel, BaseModelLoadError, hf_hidden_states_index
 from sae.hub import hub_reachable
 from training.distributed import resolve_device
 from training.stories import default_stories_path
-from training.story_stream import StorySource, is_stories_file
-from training.streaming import model_dtype
+from training.story_stream import StoryChunkStream, StorySource, is_stories_file
+from training.streaming import StoryActivations, model_dtype
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 OFFLINE_33M = "random:../shared/data/tinystories-33m/config.json"
@@ -155,3 +155,21 @@ def device_for(cfg: ModelDataConfig, local_rank: int = 0):
         return resolve_device(cfg.device, local_rank)
     except ValueError as err:
         raise TinyStoriesError(str(err)) from err
+
+
+class StreamInputs(NamedTuple):
+    bm: BaseModel
+    metadata: dict[str, Any]
+    """What every checkpoint records about its inputs (checkpoint_metadata)."""
+    harvester: StoryActivations
+    """This rank's chunks of training stories, through the model."""
+
+
+def stream_inputs(cfg: ModelDataConfig, device, rank: int = 0, world_size: int = 1) -> StreamInputs:
+    """Model, stories and the harvesting stream of rank `rank` of `world_size`."""
+    bm, model_path, hub_id = load_model(cfg, device)
+    source, dataset_path = story_source(cfg)
+    context = min(cfg.context_size, bm.context_size)
+    metadata = checkpoint_metadata(bm, model_path, hub_id, cfg.layer, context, dataset_path)
+    stream = StoryChunkStream(source, cfg.harvest_batch_size, rank, world_size)
+    return StreamInputs(bm, metadata, StoryActivations(bm, stream, cfg.layer, context))

@@ -29,17 +29,9 @@ from sae.dataclass_cli import parse_dataclass
 from training.activation_cache import CacheActivations, CacheError
 from training.distributed import DEFAULT_TIMEOUT_S, DistContext, RankFailure, init_from_env, launched_world_size
 from training.evaluate import EvalConfig, eval_set, evaluate_folders
-from training.lm_inputs import (
-    ModelDataConfig,
-    TinyStoriesError,
-    checkpoint_metadata,
-    device_for,
-    load_model,
-    story_source,
-)
+from training.lm_inputs import ModelDataConfig, TinyStoriesError, device_for, load_model, story_source, stream_inputs
 from training.shuffle_buffer import ShufflingBuffer, first_fill_stats
-from training.story_stream import StoryChunkStream, validation_stories
-from training.streaming import StoryActivations
+from training.story_stream import validation_stories
 from training.trainer import MultiSAETrainer
 from training.trainer_config import TrainerConfig, build_specs
 from training.trainer_state import common_resumable_step
@@ -108,12 +100,8 @@ def _inputs(cfg: TinyStoriesConfig, dist: DistContext, device: torch.device) -> 
         if cfg.layer != meta["hook_layer"] and cfg.layer != ModelDataConfig.layer:
             raise TinyStoriesError(f"--layer {cfg.layer} differs from the cache's {meta['hook_name']}")
         return Inputs(None, meta, int(reader.manifest["d_model"]), reader)
-    bm, model_path, hub_id = load_model(cfg, device)
-    source, dataset_path = story_source(cfg)
-    context = min(cfg.context_size, bm.context_size)
-    metadata = checkpoint_metadata(bm, model_path, hub_id, cfg.layer, context, dataset_path)
-    stream = StoryChunkStream(source, cfg.harvest_batch_size, dist.rank, dist.world_size)
-    return Inputs(bm, metadata, bm.d_model, StoryActivations(bm, stream, cfg.layer, context))
+    bm, metadata, harvester = stream_inputs(cfg, device, dist.rank, dist.world_size)
+    return Inputs(bm, metadata, bm.d_model, harvester)
 
 
 def _trainer_config(cfg: TinyStoriesConfig) -> TrainerConfig:
