@@ -165,11 +165,12 @@ class StreamInputs(NamedTuple):
     """This rank's chunks of training stories, through the model."""
 
 
-def stream_inputs(cfg: ModelDataConfig, device, rank: int = 0, world_size: int = 1) -> StreamInputs:
-    """Model, stories and the harvesting stream of rank `rank` of `world_size`."""
+def stream_inputs(cfg: ModelDataConfig, device, rank: int = 0, world_size: int = 1,
+                  progress: bool = False) -> StreamInputs:
+    """Model, stories and the harvesting stream of rank `rank` of `world_size` (`progress`: a harvest bar)."""
     bm, model_path, hub_id = load_model(cfg, device)
     source, dataset_path = story_source(cfg)
     context = min(cfg.context_size, bm.context_size)
     metadata = checkpoint_metadata(bm, model_path, hub_id, cfg.layer, context, dataset_path)
     stream = StoryChunkStream(source, cfg.harvest_batch_size, rank, world_size)
-    return StreamInputs(bm, metadata, StoryActivations(bm, stream, cfg.layer, context))
+    return StreamInputs(bm, metadata, StoryActivations(bm, stream, cfg.layer, context, progress))

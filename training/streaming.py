@@ -13,6 +13,7 @@ from typing import Any
 
 import torch
 from torch import Tensor
+from tqdm.auto import tqdm
 
 from sae.base_model import BaseModel, residual_at
 from training.activations import tokenize_stories
@@ -32,12 +33,19 @@ def harvest_chunk(bm: BaseModel, stories: list[str], layer: int, context_size: i
 class StoryActivations:
     """ActivationChunks harvested from a StoryChunkStream (a ChunkSource of training.shuffle_buffer)."""
 
-    def __init__(self, bm: BaseModel, stories: StoryChunkStream, layer: int, context_size: int):
+    def __init__(self, bm: BaseModel, stories: StoryChunkStream, layer: int, context_size: int,
+                 progress: bool = False):
+        """`progress`: a tqdm bar of harvested tokens (the first buffer fill can take minutes on a CPU)."""
         self.bm, self.stories, self.layer, self.context_size = bm, stories, layer, context_size
+        self.progress = progress
 
     def __iter__(self) -> Iterator[ActivationChunk]:
-        for chunk in self.stories:
-            yield ActivationChunk(chunk.epoch, harvest_chunk(self.bm, chunk.stories, self.layer, self.context_size))
+        with tqdm(desc="harvest", unit="tok", unit_scale=True, disable=not self.progress, position=1,
+                  leave=False) as bar:
+            for chunk in self.stories:
+                vectors = harvest_chunk(self.bm, chunk.stories, self.layer, self.context_size)
+                bar.update(len(vectors))
+                yield ActivationChunk(chunk.epoch, vectors)
 
     def harvested_chunks(self) -> Iterator[tuple[StoryChunk, Tensor]]:
         """One epoch of (story chunk, its vectors): what the activation cache stores."""

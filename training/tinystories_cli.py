@@ -100,7 +100,7 @@ def _inputs(cfg: TinyStoriesConfig, dist: DistContext, device: torch.device) -> 
         if cfg.layer != meta["hook_layer"] and cfg.layer != ModelDataConfig.layer:
             raise TinyStoriesError(f"--layer {cfg.layer} differs from the cache's {meta['hook_name']}")
         return Inputs(None, meta, int(reader.manifest["d_model"]), reader)
-    bm, metadata, harvester = stream_inputs(cfg, device, dist.rank, dist.world_size)
+    bm, metadata, harvester = stream_inputs(cfg, device, dist.rank, dist.world_size, cfg.progress and dist.is_main)
     return Inputs(bm, metadata, bm.d_model, harvester)
 
 
