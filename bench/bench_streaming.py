@@ -50,7 +50,7 @@ def _train_cmd(data: Path, out: Path, max_stories: int | None, steps: int, extra
     return cmd + (["--max-stories", str(max_stories)] if max_stories else [])
 
 
-def part_memory(tmp: Path, sizes: list[str], include_old_8x: bool) -> None:
+def part_memory(tmp: Path, sizes: list[str], include_old_8x: bool, codes: list[str]) -> None:
     sample = default_stories_path()
     big = tmp / "sample_x8.txt"
     big.write_text(sample.read_text(encoding="utf-8") * 8, encoding="utf-8")
@@ -59,6 +59,8 @@ def part_memory(tmp: Path, sizes: list[str], include_old_8x: bool) -> None:
     subprocess.run(f"git archive base-session training sae | tar -x -C {old}", shell=True, check=True, cwd=ROOT)
     print("| code | stories | peak RSS (GB) | wall (s) |\n|---|---:|---:|---:|")
     for code, cwd in (("before (base-session)", old), ("after (streaming)", ROOT)):
+        if code.split()[0] not in codes:
+            continue
         for size in sizes:
             if code.startswith("before") and size == "8x" and not include_old_8x:
                 print(f"| {code} | 8 x sample (16,128) | not re-run (issue: 6.9 GB) | |")
@@ -135,6 +137,8 @@ def main() -> None:
     p.add_argument("--part", action="append", choices=["memory", "throughput", "processes"])
     p.add_argument("--sizes", nargs="+", default=["250", "8x"], help="memory part: story counts, or 8x")
     p.add_argument("--old-8x", action="store_true", help="also run the old code on 8 x the sample (minutes, ~7 GB)")
+    p.add_argument("--code", nargs="+", default=["before", "after"], choices=["before", "after"],
+                   help="memory part: measure the code before streaming, after, or both")
     p.add_argument("--steps", type=int, default=30)
     p.add_argument("--batch-size", type=int, default=1024)
     p.add_argument("--buffer-size", type=int, default=16384)
@@ -143,7 +147,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         for part in args.part or ["memory", "throughput", "processes"]:
             if part == "memory":
-                part_memory(Path(tmp), args.sizes, args.old_8x)
+                part_memory(Path(tmp), args.sizes, args.old_8x, args.code)
             elif part == "throughput":
                 part_throughput(Path(tmp), args.steps, args.batch_size, args.buffer_size)
             else:

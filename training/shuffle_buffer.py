@@ -182,12 +182,20 @@ class ShufflingBuffer:
             self.pending = ActivationChunk(int(state["pending_epoch"]), tensors["pending"].to(self.device))
 
 
-def first_fill_stats(buffer: ShufflingBuffer, all_reduce=None) -> DataStats:
-    """DataStats of the primed buffer; `all_reduce(Tensor) -> Tensor` (a sum over ranks) when distributed."""
+def first_fill_stats(buffer: ShufflingBuffer, all_reduce=None, block: int = 1 << 15) -> DataStats:
+    """DataStats of the primed buffer; `all_reduce(Tensor) -> Tensor` (a sum over ranks) when distributed.
+
+    Sums run over blocks of rows in float64, so no copy of the whole buffer is made."""
     buffer.prime()
-    x = buffer.held_vectors().double()
-    packed = torch.cat([torch.tensor([float(len(x))], dtype=torch.float64, device=x.device),
-                        x.sum(0), x.pow(2).sum().reshape(1)])
+    assert buffer.store is not None
+    store, d = buffer.store, buffer.store.shape[1]
+    packed = torch.zeros(d + 2, dtype=torch.float64, device=store.device)
+    for start in range(0, buffer.held, block):
+        slots = buffer.order[start: min(start + block, buffer.held)].to(store.device)
+        x = store[slots].double()
+        packed[1:-1] += x.sum(0)
+        packed[-1] += x.pow(2).sum()
+    packed[0] = buffer.held
     if all_reduce is not None:
         packed = all_reduce(packed)
     packed = packed.cpu()
