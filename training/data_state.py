@@ -15,9 +15,8 @@ from typing import Any, NamedTuple
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
+from sae.layout import TRAINER_DATA_STATE as DATA_STATE_FILE
 from training.distributed import DistContext
-
-DATA_STATE_FILE = "data_state.safetensors"
 
 
 class DataState(NamedTuple):

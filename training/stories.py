@@ -10,12 +10,21 @@ import os
 from pathlib import Path
 from typing import NamedTuple
 
-from training.story_stream import STORY_SEPARATOR, VAL_EVERY, file_stories, hub_stories, is_held_out
+from training.story_stream import (
+    STORY_SEPARATOR,
+    VAL_EVERY,
+    file_stories,
+    hub_stories,
+    is_held_out,
+    normalize_story,
+)
 
-__all__ = ["STORY_SEPARATOR", "StorySplit", "default_stories_path", "load_stories", "read_stories_file",
-           "split_stories"]
+__all__ = ["STORY_SEPARATOR", "StorySplit", "default_base_lm_sources", "default_stories_path", "load_stories",
+           "normalize_story", "read_stories_file", "split_stories"]
 
-DEFAULT_SAMPLE = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "tinystories" / "train_sample.txt"
+SHARED_STORIES = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "tinystories"
+DEFAULT_SAMPLE = SHARED_STORIES / "train_sample.txt"
+VALIDATION_SAMPLE = SHARED_STORIES / "validation_sample.txt"
 
 
 class StorySplit(NamedTuple):
@@ -26,6 +35,13 @@ class StorySplit(NamedTuple):
 def default_stories_path() -> Path:
     """The stories file used by the shipped checkpoints: $TINYSTORIES_FILE or ../shared/data/."""
     return Path(os.environ.get("TINYSTORIES_FILE", DEFAULT_SAMPLE)).resolve()
+
+
+def default_base_lm_sources() -> list[Path]:
+    """The base LM trains on every local story: $TINYSTORIES_FILE alone, else both shared samples."""
+    if "TINYSTORIES_FILE" in os.environ:
+        return [default_stories_path()]
+    return [p.resolve() for p in (DEFAULT_SAMPLE, VALIDATION_SAMPLE) if p.is_file()] or [default_stories_path()]
 
 
 def read_stories_file(path: str | Path) -> list[str]:

@@ -25,6 +25,13 @@ VAL_EVERY = 10
 """Story i of a file (0-based) is held out when i % VAL_EVERY == VAL_EVERY - 1."""
 
 
+def normalize_story(text: str) -> str:
+    """One newline between paragraphs: the validation sample separates them by blank lines, the train
+    sample by single newlines, and a tokenizer would otherwise see two formats."""
+    lines = [line.rstrip() for line in text.strip().splitlines()]
+    return "\n".join(line for line in lines if line)
+
+
 def is_held_out(index: int, val_every: int = VAL_EVERY) -> bool:
     """Whether story `index` of a file is a validation story (never trained on)."""
     return index % val_every == val_every - 1
@@ -58,7 +65,7 @@ def file_stories(path: str | Path, offset: int = 0, index: int = 0) -> Iterator[
             if raw and line.strip() != STORY_SEPARATOR:
                 lines.append(line)
                 continue
-            text = "\n".join(lines).strip()
+            text = normalize_story("\n".join(lines))
             lines = []
             if text:
                 yield IndexedStory(index, text, fh.tell())

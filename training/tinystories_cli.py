@@ -26,6 +26,7 @@ import torch
 
 from sae.checkpoint import sae_folder
 from sae.dataclass_cli import parse_dataclass
+from sae.layout import CE_LOSS_SCORE, WEIGHTS_FILE
 from training.activation_cache import CacheActivations, CacheError
 from training.distributed import DEFAULT_TIMEOUT_S, DistContext, RankFailure, init_from_env, launched_world_size
 from training.evaluate import EvalConfig, eval_set, evaluate_folders
@@ -159,7 +160,7 @@ def _evaluate(cfg: TinyStoriesConfig, inputs: Inputs, folders: list[Path], devic
     es = eval_set(bm, val, meta["context_size"], cfg, info={"dataset_path": dataset_path})
     metrics = evaluate_folders(bm, meta["hook_layer"], folders, es, cfg, progress=cfg.progress)
     for folder, m in zip(folders, metrics):
-        ce = f" CE score {m['ce_loss_score']:.3f}" if "ce_loss_score" in m else ""
+        ce = f" CE score {m[CE_LOSS_SCORE]:.3f}" if CE_LOSS_SCORE in m else ""
         print(f"{folder.relative_to(cfg.out)}: L0 {m['l0']:.1f}, variance explained {m['variance_explained']:.3f}, "
               f"dead {m['frac_dead']:.2f}{ce}")
     return metrics
@@ -185,7 +186,7 @@ def run(cfg: TinyStoriesConfig) -> RunResult:
                 print(f"{inputs.metadata['model_name']}: d_model={inputs.d_model}, hook {hook}; {len(specs)} SAEs: "
                       + ", ".join(f"{s.run}/F{s.cfg.d_sae}" for s in specs))
             tokens_per_s = _train(cfg, trainer_cfg, specs, inputs, dist, device)
-        missing = [f for f in folders if not (f / "sae_weights.safetensors").is_file()]
+        missing = [f for f in folders if not (f / WEIGHTS_FILE).is_file()]
         if missing:
             raise TinyStoriesError(f"no final checkpoint in {missing[0]}: train first (drop --eval-only)")
         metrics: list[dict[str, Any]] = []

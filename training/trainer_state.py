@@ -20,12 +20,12 @@ import torch
 from torch import Tensor
 
 from sae.architectures import SparseAutoencoder, build_sae
-from sae.checkpoint import STEPS_DIR
+from sae.layout import STEPS_DIR
+from sae.layout import TRAINER_STATE_JSON as STATE_JSON
+from sae.layout import TRAINER_STATE_TENSORS as STATE_TENSORS
 from training.optim import make_adam
 from training.trainer_config import SAESpec, TrainerConfig
 
-STATE_JSON = "trainer_state.json"
-STATE_TENSORS = "trainer_state.safetensors"
 STATE_FORMAT = 1
 
 RESUME_FREE_SETTINGS = frozenset({"steps", "checkpoint_every", "keep_optimizer_state", "log_every", "progress",
@@ -93,12 +93,12 @@ def fold_scale(sae: SparseAutoencoder, scale: float) -> SparseAutoencoder:
 def state_tensors(m: Member) -> dict[str, Tensor]:
     tensors: dict[str, Tensor] = {}
     for name, p in m.sae.named_parameters():
-        tensors[f"param.{name}"] = p.detach().contiguous().clone()
+        tensors[f"param.{name}"] = p.detach().cpu().contiguous().clone()
         state = m.opt.state.get(p, {})
         for key in ("exp_avg", "exp_avg_sq"):
             if key in state:
-                tensors[f"{key}.{name}"] = state[key].contiguous().clone()
-    tensors["steps_since_fired"] = m.steps_since_fired.clone()
+                tensors[f"{key}.{name}"] = state[key].cpu().contiguous().clone()
+    tensors["steps_since_fired"] = m.steps_since_fired.cpu().clone()
     return tensors
 
 
@@ -116,12 +116,14 @@ def load_member_state(m: Member, tensors: dict[str, Tensor], meta: dict[str, Any
             if f"exp_avg.{name}" in tensors:
                 # Moments take the parameter's memory layout (W_enc is stored transposed): the fused Adam
                 # kernel pairs elements by memory position.
+                # The fused kernel keeps its step counter on the parameter's device, the others on the CPU.
+                step_device = p.device if m.opt.defaults.get("fused") else "cpu"
                 m.opt.state[p] = {
-                    "step": torch.tensor(float(meta["adam_step"]), dtype=torch.float32),
+                    "step": torch.tensor(float(meta["adam_step"]), dtype=torch.float32, device=step_device),
                     "exp_avg": torch.empty_like(p).copy_(tensors[f"exp_avg.{name}"]),
                     "exp_avg_sq": torch.empty_like(p).copy_(tensors[f"exp_avg_sq.{name}"]),
                 }
-    m.steps_since_fired = tensors["steps_since_fired"].clone()
+    m.steps_since_fired = tensors["steps_since_fired"].to(m.fire_counts.device).clone()
     m.fire_counts.zero_()  # as right after the checkpoint was written (its counts are its sparsity file)
     m.tokens_counted = 0
     m.gen.set_state(torch.tensor(meta["rng_state"], dtype=torch.uint8))
