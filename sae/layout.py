@@ -35,6 +35,8 @@ LOSS_CURVES_PLOT = "loss_curves.png"
 TRAINER_STATE_JSON = "trainer_state.json"
 TRAINER_STATE_TENSORS = "trainer_state.safetensors"
 """Resumable state of an intermediate checkpoint (local only: never uploaded)."""
+TRAINER_DATA_STATE = "data_state.safetensors"
+"""Every rank's data-buffer contents, in the first SAE's intermediate checkpoint (local only: never uploaded)."""
 
 # --- toy runs ---------------------------------------------------------------------------------------
 TOY_MODEL_NAME = "toy-superposition"

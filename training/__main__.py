@@ -9,6 +9,7 @@ import sys
 COMMANDS: dict[str, tuple[str, str]] = {
     "toy": ("training.toy.cli", "train SAEs on toy models of superposition (all instances at once)"),
     "tinystories": ("training.tinystories_cli", "train SAEs of several widths on a language model's residual stream"),
+    "cache-activations": ("training.cache_cli", "harvest residual-stream activations once into a memory-mapped cache"),
     "base-lm": ("training.base_lm.cli", "train the small offline TinyStories GPT-Neo and its tokenizer"),
     "lm-eval": ("training.lm_eval", "perplexity of a language model on held-out stories (per token, byte, word)"),
     "push": ("training.hub", "upload a checkpoints tree to the Hugging Face Hub (or --dry-run)"),

@@ -22,7 +22,7 @@ from sae import layout
 from sae.checkpoint import METRICS_FILE, TRAINING_CONFIG_FILE, CheckpointInfo, list_checkpoints
 from sae.hub import hub_endpoint, hub_reachable
 
-EXCLUDED_NAMES = {layout.TRAINER_STATE_JSON, layout.TRAINER_STATE_TENSORS, "__pycache__"}
+EXCLUDED_NAMES = {layout.TRAINER_STATE_JSON, layout.TRAINER_STATE_TENSORS, layout.TRAINER_DATA_STATE, "__pycache__"}
 """Files and folders never uploaded (resumable optimizer state is large and only useful locally)."""
 KNOWN_HUB_MODELS = {"tinystories-33m": "roneneldan/TinyStories-33M"}
 DATASET_ID = "roneneldan/TinyStories"

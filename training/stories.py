@@ -10,7 +10,18 @@ import os
 from pathlib import Path
 from typing import NamedTuple
 
-STORY_SEPARATOR = "<|endoftext|>"
+from training.story_stream import (
+    STORY_SEPARATOR,
+    VAL_EVERY,
+    file_stories,
+    hub_stories,
+    is_held_out,
+    normalize_story,
+)
+
+__all__ = ["STORY_SEPARATOR", "StorySplit", "default_base_lm_sources", "default_stories_path", "load_stories",
+           "normalize_story", "read_stories_file", "split_stories"]
+
 SHARED_STORIES = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "tinystories"
 DEFAULT_SAMPLE = SHARED_STORIES / "train_sample.txt"
 VALIDATION_SAMPLE = SHARED_STORIES / "validation_sample.txt"
@@ -33,35 +44,14 @@ def default_base_lm_sources() -> list[Path]:
     return [p.resolve() for p in (DEFAULT_SAMPLE, VALIDATION_SAMPLE) if p.is_file()] or [default_stories_path()]
 
 
-def normalize_story(text: str) -> str:
-    """One newline between paragraphs: the validation sample separates them by blank lines, the train
-    sample by single newlines, and a tokenizer would otherwise see two formats."""
-    lines = [line.rstrip() for line in text.strip().splitlines()]
-    return "\n".join(line for line in lines if line)
-
-
 def read_stories_file(path: str | Path) -> list[str]:
-    """Stories of a UTF-8 text file, separated by lines holding only `<|endoftext|>`."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(
-            f"stories file {path} does not exist: pass a text file whose stories are separated by "
-            f"lines holding only {STORY_SEPARATOR!r}, or a Hugging Face dataset id"
-        )
+    """Stories of a UTF-8 text file, separated by lines holding only `<|endoftext|>` (all in memory)."""
     try:
-        text = path.read_text(encoding="utf-8")
+        stories = [s.text for s in file_stories(path)]
     except (UnicodeDecodeError, OSError) as err:
+        if isinstance(err, FileNotFoundError):
+            raise
         raise ValueError(f"cannot read stories file {path}: {err}") from err
-    stories: list[str] = []
-    current: list[str] = []
-    for line in text.splitlines():
-        if line.strip() == STORY_SEPARATOR:
-            stories.append(normalize_story("\n".join(current)))
-            current = []
-        else:
-            current.append(line)
-    stories.append(normalize_story("\n".join(current)))
-    stories = [s for s in stories if s]
     if not stories:
         raise ValueError(f"stories file {path} holds no stories")
     return stories
@@ -72,29 +62,24 @@ def load_stories(source: str | Path, split: str = "train", max_stories: int | No
     if Path(source).exists() or str(source).endswith(".txt"):
         stories = read_stories_file(source)
         return stories[:max_stories] if max_stories else stories
+    stories = []
     try:
-        import datasets
-
-        ds = datasets.load_dataset(str(source), split=split, streaming=True)
-        stories = []
-        for row in ds:
-            text = str(row["text"]).strip()
-            if text:
-                stories.append(text)
+        for story in hub_stories(str(source), split):
+            stories.append(story.text)
             if max_stories and len(stories) >= max_stories:
                 break
-        return stories
     except Exception as err:  # the Hub is unreachable, or the id is wrong
         raise RuntimeError(
             f"could not load dataset {source!r} ({type(err).__name__}: {err}). Without access to the "
             f"Hugging Face Hub, pass a local stories file instead, e.g. {default_stories_path()}"
         ) from err
+    return stories
 
 
-def split_stories(stories: list[str], val_every: int = 10) -> StorySplit:
+def split_stories(stories: list[str], val_every: int = VAL_EVERY) -> StorySplit:
     """Every `val_every`-th story (indices val_every-1, 2*val_every-1, ...) is held out for validation."""
     if val_every < 2:
         raise ValueError("val_every must be >= 2")
-    train = [s for i, s in enumerate(stories) if i % val_every != val_every - 1]
-    val = [s for i, s in enumerate(stories) if i % val_every == val_every - 1]
+    train = [s for i, s in enumerate(stories) if not is_held_out(i, val_every)]
+    val = [s for i, s in enumerate(stories) if is_held_out(i, val_every)]
     return StorySplit(train, val)

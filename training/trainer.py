@@ -40,6 +40,8 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from sae.checkpoint import STEPS_DIR, TRAINING_CONFIG_FILE, save_sae, step_folder
+from training.data_state import DataState, gather_data_state, restore_data_state, write_data_tensors
+from training.distributed import DistContext, StepReducer
 from training.fast_paths import StepLosses, has_fast_path, loss_and_grads
 from training.loss_curves import CURVES_FILE, read_curve_csv, write_curve_csv, write_run_curves
 from training.optim import constrained_step, set_lr
@@ -53,20 +55,23 @@ from training.trainer_state import (
     Member,
     adam_step,
     check_compatible,
+    common_resumable_step,
     fold_scale,
     load_member_state,
     make_member,
+    place_member,
     resumable_steps,
     state_tensors,
 )
 
 
 class BatchSource(Protocol):
-    """What the trainer needs from a data buffer (training.activations.ActivationBuffer)."""
+    """What the trainer needs from a data buffer (training.shuffle_buffer.ShufflingBuffer, or the in-memory
+    training.activations.ActivationBuffer); `state_tensors()` is optional (see training.data_state)."""
 
     def next_batch(self) -> Tensor: ...
-    def state_dict(self) -> dict[str, int]: ...
-    def load_state_dict(self, state: dict[str, int]) -> None: ...
+    def state_dict(self) -> dict[str, Any]: ...
+    def load_state_dict(self, state: dict[str, Any], *tensors: Any) -> None: ...
 
 
 class MultiSAETrainer:
@@ -81,10 +86,14 @@ class MultiSAETrainer:
         run_info: dict[str, Any] | None = None,
         data_mean: Tensor | None = None,
         data_variance: float | None = None,
+        dist: DistContext | None = None,
+        device: torch.device | str = "cpu",
     ) -> None:
         """`scale`: activation_scale(acts) (used when cfg.normalize_activations); `data_mean [d_in]`: the mean
         activation (raw units), the initial b_dec of every SAE (None: zeros); `data_variance`: E||x - mean||^2
-        (raw units), the denominator of the logged variance explained (None: each batch's own)."""
+        (raw units), the denominator of the logged variance explained (None: each batch's own).
+        `dist`: this process's rank under torchrun (training.distributed): `buffer` then yields this rank's
+        batch_size / world_size vectors per step, and rank 0 alone writes. `device`: where the SAEs train."""
         if cfg.steps <= 0 or cfg.batch_size <= 0:
             raise ValueError("steps and batch_size must be positive")
         folders = [str(s.folder) for s in specs]
@@ -93,7 +102,9 @@ class MultiSAETrainer:
         self.cfg, self.specs, self.buffer = cfg, list(specs), buffer
         self.scale = float(scale) if cfg.normalize_activations else 1.0
         self.run_info = dict(run_info or {})
-        self.members = [make_member(cfg, s) for s in self.specs]
+        self.dist = dist or DistContext()
+        self.reducer = StepReducer(self.dist)
+        self.members = [place_member(make_member(cfg, s), device) for s in self.specs]
         if data_mean is not None:
             with torch.no_grad():
                 for m in self.members:
@@ -114,18 +125,18 @@ class MultiSAETrainer:
         for m in self.members:
             dead = m.steps_since_fired >= cfg.dead_window
             coeff = sparsity_coeff_at(m.spec.cfg.sparsity_coeff, step, cfg.sparsity_warmup_steps)
-            out: StepLosses = loss_and_grads(m.sae, x, coeff, dead, fast=cfg.fast)
+            out: StepLosses = self._reduced(m, loss_and_grads(m.sae, x, coeff, dead, fast=cfg.fast))
             set_lr(m.opt, lr)
             constrained_step(m.sae, m.opt)
             fired = out.fire_counts > 0
             m.steps_since_fired += 1
             m.steps_since_fired[fired] = 0
             m.fire_counts += out.fire_counts
-            m.tokens_counted += x.shape[0]
+            m.tokens_counted += x.shape[0] * self.dist.world_size
             mse = float(out.mse)
             row = {"loss": float(out.loss), "mse": mse, "variance_explained": 1 - mse * x.numel() / total_var,
                    "sparsity_loss": float(out.sparsity), "aux_loss": float(out.aux),
-                   "l0": float(out.fire_counts.sum()) / x.shape[0]}
+                   "l0": float(out.fire_counts.sum()) / (x.shape[0] * self.dist.world_size)}
             for key, val in row.items():
                 m.acc[key] = m.acc.get(key, 0.0) + val
             m.acc_n += 1
@@ -135,12 +146,23 @@ class MultiSAETrainer:
             for m in self.members:
                 self._resample(m, x)
 
+    def _reduced(self, m: Member, out: StepLosses) -> StepLosses:
+        """Under torchrun: gradients and losses averaged, firing counts summed over ranks (one all-reduce)."""
+        if not self.dist.enabled:
+            return out
+        (loss, mse, sparsity, aux), counts = self.reducer.reduce(
+            list(m.sae.parameters()), [out.loss, out.mse, out.sparsity, out.aux], out.fire_counts)
+        return out._replace(loss=loss, mse=mse, sparsity=sparsity, aux=aux, fire_counts=counts)
+
     def _resample(self, m: Member, x: Tensor) -> int:
         """Re-initialise the dead latents of `m` (training.resampling); returns how many."""
         dead = m.steps_since_fired >= self.cfg.dead_window
         done = resample_dead_latents(m.sae, dead, self.cfg.resample_method, x=x, scale=self.cfg.resample_scale,
                                      gen=m.gen, opt=m.opt)
         m.steps_since_fired[done] = 0
+        # The same latents are dead on every rank (reduced counts), but the new directions come from each
+        # rank's own batch: rank 0's win.
+        self.dist.broadcast_([p.data for p in m.sae.parameters()])
         return int(done.sum())
 
     def _flush_log(self) -> None:
@@ -176,13 +198,17 @@ class MultiSAETrainer:
             "wall_time_s": round(time.time() - self.started, 1),
         }
 
-    def _save_member(self, m: Member, folder: Path, with_state: bool, completed: bool) -> Path:
+    def _save_member(self, m: Member, folder: Path, with_state: bool, completed: bool,
+                     data: DataState | None = None) -> Path:
+        """Rank 0 only. `data`: every rank's buffer state (its tensors go into this folder when given)."""
         freq = m.fire_counts.double() / max(m.tokens_counted, 1)
         meta = {
             "format": STATE_FORMAT,
             "step": self.step,
             "tokens_seen": self.step * self.cfg.batch_size,
-            "buffer": self.buffer.state_dict(),
+            "world_size": self.dist.world_size,
+            "token_variance": self.token_variance,
+            "buffer": None if data is None else data.json,
             "activation_scale": self.scale,
             "adam_step": adam_step(m),
             "rng_state": m.gen.get_state().tolist(),
@@ -197,6 +223,8 @@ class MultiSAETrainer:
             write_curve_csv(tmp / CURVES_FILE, m.curve)
             if tensors is not None:
                 save_file(tensors, str(tmp / STATE_TENSORS))
+                if data is not None and m is self.members[0]:
+                    write_data_tensors(tmp, data)
                 (tmp / STATE_JSON).write_text(json.dumps(meta) + "\n")
 
         return save_sae(fold_scale(m.sae, self.scale), folder, log10_sparsity=torch.log10(freq + 1e-10).float(),
@@ -205,22 +233,24 @@ class MultiSAETrainer:
     def save_checkpoint(self) -> None:
         """Intermediate checkpoint of every SAE at the current step (each folder written atomically)."""
         self._flush_log()
+        data = gather_data_state(self.buffer, self.dist)  # collective: every rank takes part
         for m in self.members:
-            self._save_member(m, step_folder(m.spec.folder, self.step), with_state=True, completed=False)
+            if self.dist.is_main:
+                self._save_member(m, step_folder(m.spec.folder, self.step), with_state=True, completed=False,
+                                  data=data)
         for m in self.members:  # the new state is on disk: older ones are not needed to resume
             m.fire_counts.zero_()
             m.tokens_counted = 0
             keep = max(self.cfg.keep_optimizer_state, 1)
-            for old in resumable_steps(m.spec.folder)[:-keep]:
+            for old in resumable_steps(m.spec.folder)[:-keep] if self.dist.is_main else []:
                 for name in (STATE_TENSORS, STATE_JSON):
                     (step_folder(m.spec.folder, old) / name).unlink(missing_ok=True)
 
     def resume(self) -> int:
         """Load the newest step that every SAE has a resumable checkpoint of; returns it (0: none)."""
-        common = set.intersection(*(set(resumable_steps(m.spec.folder)) for m in self.members))
-        if not common:
+        step = common_resumable_step([m.spec.folder for m in self.members])
+        if not step:
             return 0
-        step = max(common)
         for m in self.members:
             folder = step_folder(m.spec.folder, step)
             meta = json.loads((folder / STATE_JSON).read_text())
@@ -230,7 +260,8 @@ class MultiSAETrainer:
             load_member_state(m, load_file(str(folder / STATE_TENSORS)), meta)
             m.curve = [r for r in read_curve_csv(folder / CURVES_FILE) if r["step"] <= step]
             self.scale = float(meta["activation_scale"])
-        self.buffer.load_state_dict(meta["buffer"])
+            self.token_variance = meta.get("token_variance", self.token_variance)
+        restore_data_state(self.buffer, self.dist, meta["buffer"], step_folder(self.members[0].spec.folder, step))
         self.step = step
         return step
 
@@ -271,7 +302,8 @@ class MultiSAETrainer:
                     f"{existing[0]} holds checkpoints of an earlier run: pass --resume to continue it or "
                     f"--overwrite to start again"
                 )
-            for path in existing:
+            self.dist.barrier()  # every rank has looked before rank 0 deletes
+            for path in existing if self.dist.is_main else []:
                 shutil.rmtree(path)
         bar = tqdm(total=cfg.steps * cfg.batch_size, initial=self.step * cfg.batch_size, unit="tok",
                    unit_scale=True, disable=not cfg.progress, desc=f"{len(self.members)} SAEs", smoothing=0.1,
@@ -293,8 +325,11 @@ class MultiSAETrainer:
         finally:
             bar.close()
         self._flush_log()
-        finals = [self._save_member(m, m.spec.folder, with_state=False, completed=True) for m in self.members]
-        write_run_curves(self.specs, [m.curve for m in self.members])
+        finals = [m.spec.folder for m in self.members]
+        if self.dist.is_main:
+            finals = [self._save_member(m, m.spec.folder, with_state=False, completed=True) for m in self.members]
+            write_run_curves(self.specs, [m.curve for m in self.members])
+        self.dist.barrier()  # the final folders exist when any rank returns
         return finals
 
     def _postfix(self) -> str:

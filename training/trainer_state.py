@@ -66,6 +66,16 @@ def make_member(cfg: TrainerConfig, spec: SAESpec) -> Member:
 
 
 
+def place_member(m: Member, device: torch.device | str) -> Member:
+    """`m` with its SAE, counters and RNG on `device` (before the first step: Adam has no state yet)."""
+    device = torch.device(device)
+    if device.type == "cpu":
+        return m
+    m.sae.to(device)
+    m.steps_since_fired, m.fire_counts = m.steps_since_fired.to(device), m.fire_counts.to(device)
+    m.gen = torch.Generator(device).manual_seed(m.gen.initial_seed())
+    return m
+
 
 def fold_scale(sae: SparseAutoencoder, scale: float) -> SparseAutoencoder:
     """An untied copy that reads raw activations: trained on s x, so W_enc * s, W_dec / s, b_dec / s."""
@@ -83,12 +93,12 @@ def fold_scale(sae: SparseAutoencoder, scale: float) -> SparseAutoencoder:
 def state_tensors(m: Member) -> dict[str, Tensor]:
     tensors: dict[str, Tensor] = {}
     for name, p in m.sae.named_parameters():
-        tensors[f"param.{name}"] = p.detach().contiguous().clone()
+        tensors[f"param.{name}"] = p.detach().cpu().contiguous().clone()
         state = m.opt.state.get(p, {})
         for key in ("exp_avg", "exp_avg_sq"):
             if key in state:
-                tensors[f"{key}.{name}"] = state[key].contiguous().clone()
-    tensors["steps_since_fired"] = m.steps_since_fired.clone()
+                tensors[f"{key}.{name}"] = state[key].cpu().contiguous().clone()
+    tensors["steps_since_fired"] = m.steps_since_fired.cpu().clone()
     return tensors
 
 
@@ -106,12 +116,14 @@ def load_member_state(m: Member, tensors: dict[str, Tensor], meta: dict[str, Any
             if f"exp_avg.{name}" in tensors:
                 # Moments take the parameter's memory layout (W_enc is stored transposed): the fused Adam
                 # kernel pairs elements by memory position.
+                # The fused kernel keeps its step counter on the parameter's device, the others on the CPU.
+                step_device = p.device if m.opt.defaults.get("fused") else "cpu"
                 m.opt.state[p] = {
-                    "step": torch.tensor(float(meta["adam_step"]), dtype=torch.float32),
+                    "step": torch.tensor(float(meta["adam_step"]), dtype=torch.float32, device=step_device),
                     "exp_avg": torch.empty_like(p).copy_(tensors[f"exp_avg.{name}"]),
                     "exp_avg_sq": torch.empty_like(p).copy_(tensors[f"exp_avg_sq.{name}"]),
                 }
-    m.steps_since_fired = tensors["steps_since_fired"].clone()
+    m.steps_since_fired = tensors["steps_since_fired"].to(m.fire_counts.device).clone()
     m.fire_counts.zero_()  # as right after the checkpoint was written (its counts are its sparsity file)
     m.tokens_counted = 0
     m.gen.set_state(torch.tensor(meta["rng_state"], dtype=torch.uint8))
@@ -127,6 +139,12 @@ def resumable_steps(folder: Path) -> list[int]:
     if not root.is_dir():
         return []
     return sorted(int(p.name) for p in root.iterdir() if p.name.isdigit() and has_state(p))
+
+
+def common_resumable_step(folders: list[Path]) -> int:
+    """The newest step every folder has a resumable checkpoint of (0: none)."""
+    common = set.intersection(*(set(resumable_steps(f)) for f in folders)) if folders else set()
+    return max(common, default=0)
 
 
 

@@ -175,7 +175,8 @@ def test_cli_end_to_end(model_dir, stories_file, tmp_path):
         assert meta["hf_hidden_states_index"] == 2 and meta["prepend_bos"] is False and meta["context_size"] == 64
         assert meta["dataset_path"].endswith("stories.txt") and "/tmp" not in json.dumps(meta)
         tc = json.loads((folder / "training_config.json").read_text())
-        assert tc["n_train_stories"] == 33 and tc["tokens_seen"] == 6 * 64 and tc["cli"]["steps"] == 6
+        assert tc["world_size"] == 1 and tc["global_batch_size"] == 64 and tc["tokens_seen"] == 6 * 64
+        assert tc["cli"]["steps"] == 6
         assert (folder / "latent_stats.safetensors").is_file() and "ce_loss_score" in m
         assert load_sae(folder / "steps" / "000000003").cfg.d_sae == load_sae(folder).cfg.d_sae
     # a finished run resumes to the same place; eval-only re-evaluates
