@@ -69,6 +69,13 @@ VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
 }
 """Run names accepted by `--architectures`: an architecture, or a variant (architecture + overrides)."""
 
+RECIPE_DEFAULTS: dict[str, dict[str, Any]] = {
+    "standard": {"decoder_norm": "free", "init_norm": 0.1},
+    "topk": {"decoder_norm": "unit", "init_norm": 1.0},
+}
+"""Per-architecture `decoder_norm` / `init_norm` behind "auto" / None (others: unit rows, norm 1), measured
+with bench/bench_quality.py (BENCHMARKS.md, "SAE quality against SAELens")."""
+
 DEFAULT_SPARSITY = {"standard": 2.0, "gated": 5.0, "jumprelu": 0.5}
 """Default sparsity coefficient x d_in. The library's reconstruction loss is a mean over d_in, so lambda =
 5 / d_in is Anthropic's lambda = 5 for a summed loss, on inputs scaled to E||x||^2 = d_in. Standard uses 2:
@@ -110,6 +117,21 @@ class TrainerConfig:
     """topk: weight of the AuxK loss."""
     dead_window: int = 500
     """A latent that has not fired for this many steps is dead (AuxK, resampling, frac_dead)."""
+    grad_clip_norm: float = 1.0
+    """Clip each SAE's gradient to this global norm before Adam, measured on the loss summed over d_in
+    (SAELens's scale, d_in x this trainer's per-element loss), so 1.0 is SAELens's fixed clip; 0: off."""
+    decoder_norm: Literal["auto", "unit", "free"] = "auto"
+    """unit: decoder rows renormalised to 1 after every step (the gradient along them dropped); free:
+    unconstrained decoder with the L1 term weighted by decoder-row norm (standard only; rows folded to unit
+    norm in saved checkpoints); auto: RECIPE_DEFAULTS per architecture."""
+    init_norm: float | None = None
+    """Initial norm of the encoder columns (and of free decoder rows); None: RECIPE_DEFAULTS per architecture."""
+    b_dec_init: Literal["mean", "zeros"] = "mean"
+    """Initial decoder bias: the mean training activation, or zeros."""
+    aux_relu: bool = True
+    """topk: ReLU the AuxK activations (False: raw pre-activations of the dead latents, as SAELens)."""
+    aux_scale_dead: bool = False
+    """topk: scale the AuxK loss by min(dead latents / aux_k, 1), as SAELens."""
     resample_every: int = 0
     """Resample dead latents every this many steps (0: never)."""
     resample_method: Literal["simple", "advanced"] = "advanced"
@@ -167,6 +189,24 @@ def parse_width(spec: str | int, d_model: int) -> int:
     return value
 
 
+def decoder_norm_for(cfg: TrainerConfig, arch: str, tied: bool = False) -> str:
+    """"unit" or "free" for this architecture ("auto" resolved; tied and non-standard decoders are unit)."""
+    mode = cfg.decoder_norm if cfg.decoder_norm != "auto" else RECIPE_DEFAULTS.get(arch, {}).get("decoder_norm", "unit")
+    if mode == "free" and (arch != "standard" or tied):
+        if cfg.decoder_norm == "free":
+            raise ValueError(f"--decoder-norm free is implemented for the untied standard SAE only, not {arch!r}")
+        return "unit"
+    return mode
+
+
+def init_norm_for(cfg: TrainerConfig, arch: str) -> float:
+    if cfg.init_norm is not None:
+        if cfg.init_norm <= 0:
+            raise ValueError(f"--init-norm must be positive, got {cfg.init_norm}")
+        return cfg.init_norm
+    return float(RECIPE_DEFAULTS.get(arch, {}).get("init_norm", 1.0))
+
+
 def sae_config_for(cfg: TrainerConfig, run: str, d_in: int, d_sae: int, metadata: dict[str, Any]) -> SAEConfig:
     """The SAEConfig of one run name at one width."""
     if run not in VARIANTS:
@@ -176,8 +216,10 @@ def sae_config_for(cfg: TrainerConfig, run: str, d_in: int, d_sae: int, metadata
     coeff = cfg.sparsity_coeff if cfg.sparsity_coeff is not None else DEFAULT_SPARSITY.get(arch, 0.0) / d_in
     kwargs: dict[str, Any] = {"sparsity_coeff": 0.0 if arch == "topk" else coeff}
     if arch == "topk":
-        kwargs.update(k=min(cfg.k, d_sae), aux_k=cfg.aux_k or None, aux_coeff=cfg.aux_coeff)
+        kwargs.update(k=min(cfg.k, d_sae), aux_k=cfg.aux_k or None, aux_coeff=cfg.aux_coeff, aux_relu=cfg.aux_relu,
+                      aux_scale_dead=cfg.aux_scale_dead)
     kwargs.update(overrides)
+    kwargs["l1_decoder_norm"] = decoder_norm_for(cfg, arch, bool(kwargs.get("tied"))) == "free"
     if arch == "topk" and not kwargs.get("aux_k"):
         kwargs["aux_k"] = None
     return SAEConfig(architecture=arch, d_in=d_in, d_sae=d_sae, metadata=dict(metadata), **kwargs)
@@ -254,6 +296,12 @@ def _member_seed(seed: int, spec: SAESpec) -> int:
 
 def _make_member(cfg: TrainerConfig, spec: SAESpec) -> _Member:
     sae = build_sae(spec.cfg, seed=cfg.seed)
+    init = init_norm_for(cfg, spec.cfg.architecture)
+    if init != 1.0:
+        with torch.no_grad():  # unit rows from build_sae; a unit decoder stays unit, its encoder starts small
+            sae.W_enc.mul_(init)
+            if spec.cfg.l1_decoder_norm and sae._W_dec is not None:
+                sae._W_dec.mul_(init)
     sae.train()
     opt = torch.optim.Adam(sae.parameters(), lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2), fused=True)
     f = spec.cfg.d_sae
@@ -301,10 +349,18 @@ def _resample(cfg: TrainerConfig, m: _Member, x: Tensor, dead: Tensor) -> int:
 
 
 def _fold_scale(sae: SparseAutoencoder, scale: float) -> SparseAutoencoder:
-    """An untied copy that reads raw activations: trained on s x, so W_enc * s, W_dec / s, b_dec / s."""
-    if scale == 1.0 and not sae.cfg.tied:
+    """An untied copy that reads raw activations: trained on s x, so W_enc * s, W_dec / s, b_dec / s.
+
+    A free decoder's row norms n are folded first (W_dec / n, W_enc * n, b_enc * n: same reconstruction,
+    unit rows, and the decoder-norm-weighted L1 becomes the plain one)."""
+    if scale == 1.0 and not sae.cfg.tied and not sae.cfg.l1_decoder_norm:
         return sae
     w = sae.effective_weights()
+    if sae.cfg.l1_decoder_norm:
+        norms = w["W_dec"].norm(dim=-1).clamp_min(1e-12)  # [F]
+        w["W_dec"] = w["W_dec"] / norms[:, None]
+        w["W_enc"] = w["W_enc"] * norms
+        w["b_enc"] = w["b_enc"] * norms
     w["W_enc"] = w["W_enc"] * scale
     w["W_dec"] = w["W_dec"] / scale
     w["b_dec"] = w["b_dec"] / scale
@@ -416,7 +472,7 @@ class MultiSAETrainer:
         self.scale = float(scale) if cfg.normalize_activations else 1.0
         self.run_info = dict(run_info or {})
         self.members = [_make_member(cfg, s) for s in self.specs]
-        if data_mean is not None:
+        if data_mean is not None and cfg.b_dec_init == "mean":
             with torch.no_grad():
                 for m in self.members:
                     m.sae.b_dec.copy_(data_mean.to(m.sae.b_dec.dtype) * self.scale)
@@ -436,11 +492,16 @@ class MultiSAETrainer:
             dead = m.steps_since_fired >= cfg.dead_window
             coeff = sparsity_at(cfg, m.spec.cfg.sparsity_coeff, step)
             out: StepLosses = loss_and_grads(m.sae, x, coeff, dead, fast=cfg.fast)
-            m.sae.remove_parallel_decoder_grad_()
+            unit_decoder = not m.spec.cfg.l1_decoder_norm
+            if unit_decoder:
+                m.sae.remove_parallel_decoder_grad_()
+            if cfg.grad_clip_norm > 0:  # our loss is SAELens's / d_in, and so is the gradient
+                torch.nn.utils.clip_grad_norm_(m.sae.parameters(), cfg.grad_clip_norm / m.spec.cfg.d_in, foreach=True)
             for group in m.opt.param_groups:
                 group["lr"] = lr
             m.opt.step()
-            m.sae.normalize_decoder_()
+            if unit_decoder:
+                m.sae.normalize_decoder_()
             fired = out.fire_counts > 0
             m.steps_since_fired += 1
             m.steps_since_fired[fired] = 0
@@ -687,6 +748,7 @@ def plot_curves(path: Path, title: str, curves: Sequence[tuple[int, list[dict[st
 
 __all__ = [
     "CURVES_FILE",
+    "RECIPE_DEFAULTS",
     "TRAINING_CONFIG_FILE",
     "VARIANTS",
     "BatchSource",
