@@ -50,7 +50,8 @@ from training.activations import ActivationBuffer
 from training.evaluate import EvalConfig, EvalSet, eval_set
 from training.stories import default_stories_path, load_stories, split_stories
 from training.tinystories_cli import harvest
-from training.trainer import MultiSAETrainer, TrainerConfig, activation_scale, build_specs, parse_width
+from training.trainer import MultiSAETrainer
+from training.trainer_config import TrainerConfig, activation_scale, build_specs, parse_width
 
 DEFAULT_OUT = Path("runs/bench-quality")
 RESULTS_FILE = "results.json"

@@ -27,7 +27,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # our sae/ and training/ from the repo
 
-from training.trainer import MultiSAETrainer, SAESpec, TrainerConfig, sae_config_for
+from training.trainer import MultiSAETrainer
+from training.trainer_config import SAESpec, TrainerConfig, sae_config_for
 
 
 class _NoData:

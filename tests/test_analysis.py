@@ -4,7 +4,6 @@ import math
 
 import pytest
 import torch
-from conftest import save_tiny_gpt_neo
 
 from sae.analysis import (
     MAX_CHARS,
@@ -30,6 +29,7 @@ from sae.base_model import load_base_model, logits_with_replacement, residual_at
 from sae.checkpoint import sae_folder, save_sae
 from sae.config import SAEConfig
 from sae.metrics import kl_div, next_token_ce
+from tests.helpers import save_tiny_gpt_neo
 
 D = 32
 CONTEXT = 48

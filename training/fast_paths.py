@@ -14,7 +14,7 @@ instead of 8-10 B d F. When k is not small next to F (DENSE_TOPK_RATIO) dense ma
 same math runs on dense latents instead (still without the input gradient).
 
 Both functions fill `.grad` of the module's parameters (overwriting it) and return the loss terms as the
-module's `forward` defines them; `tests/test_trainer.py` checks loss and gradients against autograd.
+module's `forward` defines them; `tests/training/test_trainer.py` checks loss and gradients against autograd.
 """
 
 from __future__ import annotations
@@ -235,12 +235,14 @@ def _topk_sparse_backward(sae: TopKSAE, xc: Tensor, groups: list[_Group]) -> Ten
 
 
 def autograd_loss_and_grads(
-    sae: SparseAutoencoder, x: Tensor, dead_mask: Tensor | None = None
+    sae: SparseAutoencoder, x: Tensor, dead_mask: Tensor | None = None, sparsity_coeff: float | None = None
 ) -> StepLosses:
-    """Any architecture through its module's forward and autograd (the reference the fast paths match)."""
+    """Any architecture through its module's forward and autograd (the reference the fast paths match).
+
+    `sparsity_coeff`: this step's coefficient (None: the config's); the SAE's config is left as it is."""
     for p in sae.parameters():
         p.grad = None
-    out = sae(x, dead_mask=dead_mask)
+    out = sae(x, dead_mask=dead_mask, sparsity_coeff=sparsity_coeff)
     out.loss.backward()
     terms = {name: t.detach().sum() for name, t in out.losses.items()}
     zero = out.loss.detach().new_zeros(())
@@ -259,6 +261,4 @@ def loss_and_grads(
         if isinstance(sae, TopKSAE):
             return topk_loss_and_grads(sae, x, dead_mask)
         return standard_loss_and_grads(sae, x, sparsity_coeff)  # type: ignore[arg-type]
-    if sae.cfg.sparsity_coeff != sparsity_coeff:
-        sae.cfg = sae.cfg.replace(sparsity_coeff=sparsity_coeff)
-    return autograd_loss_and_grads(sae, x, dead_mask)
+    return autograd_loss_and_grads(sae, x, dead_mask, sparsity_coeff)

@@ -29,7 +29,8 @@ from sae.hub import hub_reachable
 from training.activations import ActivationBuffer, TokenBatch, harvest_activations, tokenize_stories
 from training.evaluate import EvalConfig, eval_set, evaluate_folders
 from training.stories import default_stories_path, load_stories, split_stories
-from training.trainer import MultiSAETrainer, TrainerConfig, activation_scale, build_specs
+from training.trainer import MultiSAETrainer
+from training.trainer_config import TrainerConfig, activation_scale, build_specs
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 OFFLINE_33M = "random:../shared/data/tinystories-33m/config.json"

@@ -27,11 +27,14 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
-from sae.architectures import SAEOutput, SparseAutoencoder, build_sae
-from sae.architectures.base import matmul_inst, reconstruction_loss
+from sae.architectures import SparseAutoencoder, build_sae
+from sae.architectures.base import matmul_inst
 from sae.checkpoint import CheckpointError, read_json, save_sae, write_folder_atomically
 from sae.config import ARCHITECTURES, SAEConfig
 from sae.metrics import METRICS_VERSION, RECOVERY_THRESHOLD, ReconstructionStats, all_recovered, feature_recovery
+from training.optim import constrained_step, make_adam, set_lr
+from training.resampling import resample_dead_latents
+from training.schedules import LRSchedule, sparsity_coeff_at
 
 RESAMPLE_METHODS = ("none", "simple", "advanced")
 MODEL_NAME = "toy-superposition"
@@ -231,18 +234,11 @@ class BatchStream:
         return self.buf[self.i - 1]
 
 
-def _adam(params, lr: float, betas: tuple[float, float]) -> torch.optim.Adam:
-    try:
-        return torch.optim.Adam(params, lr=lr, betas=betas, fused=True)
-    except (RuntimeError, ValueError):  # fused kernel unavailable for this device/dtype
-        return torch.optim.Adam(params, lr=lr, betas=betas, foreach=True)
-
-
 def train_toy_model(model: ToyModel, progress: Callable[[int], None] | None = None, chunk: int = 16) -> Tensor:
     """Train the toy model with its config's steps/batch/lr (Adam); returns the loss per 100 steps `[n_logs, inst]`."""
     cfg = model.cfg
     gen = torch.Generator(device=model.W.device).manual_seed(cfg.toy_seed + 1)
-    opt = _adam(model.parameters(), cfg.toy_lr, (0.9, 0.999))
+    opt = make_adam(model.parameters(), cfg.toy_lr, (0.9, 0.999))
     stream = BatchStream(lambda n: model.sample_features(n, cfg.toy_batch_size, gen), chunk)
     curve = []
     for step in range(cfg.toy_steps):
@@ -354,6 +350,8 @@ class ToySAEConfig:
     """After warm-up: constant, or cosine/linear decay to min_lr_frac * lr from decay_start on."""
     warmup_steps: int = 0
     """Linear warm-up from 0 over this many steps."""
+    sparsity_warmup_steps: int = 0
+    """Linear warm-up of the sparsity coefficient from 0 over this many steps (0: none)."""
     decay_start: float = 0.0
     """Fraction of the run after which the decay begins (cosine/linear schedules)."""
     min_lr_frac: float = 0.0
@@ -375,7 +373,7 @@ class ToySAEConfig:
     """advanced: inputs drawn with probability ∝ ||h - h_hat||^(2 * this); 2 is Anthropic's and ARENA's choice,
     which here favours the rare inputs holding two features, i.e. directions between features."""
     reset_optimizer: bool = True
-    """After resampling, give resampled latents a typical Adam state (see reset_optimizer_rows)."""
+    """After resampling, give resampled latents a typical Adam state (training.resampling.reset_adam_state)."""
     aux_dead_steps: int = 200
     """topk AuxK: a latent counts as dead during training after this many steps without firing."""
     log_every: int = 100
@@ -417,16 +415,11 @@ class ToySAEConfig:
             metadata={"model_name": MODEL_NAME, "hook_name": HOOK_NAME, "dataset_path": "synthetic toy features"},
         )
 
-    def lr_factor(self, step: int) -> float:
-        """Learning-rate multiplier at `step`: linear warm-up, then constant or a decay."""
-        if step < self.warmup_steps:
-            return (step + 1) / self.warmup_steps
-        if self.lr_schedule == "constant":
-            return 1.0
+    def schedule(self) -> LRSchedule:
+        """Linear warm-up, then constant or a cosine/linear decay from decay_start (training.schedules)."""
         start = max(self.warmup_steps, int(self.decay_start * self.steps))
-        t = min(max(step - start, 0) / max(self.steps - start, 1), 1.0)
-        shape = 0.5 * (1 + math.cos(math.pi * t)) if self.lr_schedule == "cosine" else 1 - t
-        return self.min_lr_frac + (1 - self.min_lr_frac) * shape
+        return LRSchedule(peak=self.lr, total_steps=self.steps, warmup_steps=self.warmup_steps,
+                          decay=self.lr_schedule, decay_start=start, min_lr_frac=self.min_lr_frac)
 
 
 class ToyTrainLog(NamedTuple):
@@ -455,107 +448,6 @@ class ToySAERun(NamedTuple):
     log: ToyTrainLog
 
 
-@torch.no_grad()
-def reinit_dead(sae: SparseAutoencoder, dead: Tensor, directions: Tensor, enc_norm: Tensor | float) -> None:
-    """`sae.reinit_latents_` plus the thresholds of jumprelu latents back at their initial value.
-
-    A dead JumpReLU latent's threshold gets no gradient, so a stale (large) one would keep the
-    resampled latent dead.
-    """
-    sae.reinit_latents_(dead, directions, enc_norm)
-    if hasattr(sae, "log_threshold"):
-        init = torch.full_like(sae.log_threshold, math.log(sae.cfg.init_threshold))
-        sae.log_threshold.copy_(torch.where(dead, init, sae.log_threshold))
-
-
-@torch.no_grad()
-def resample_simple(sae: SparseAutoencoder, dead: Tensor, scale: float, gen: torch.Generator | None = None) -> None:
-    """Point each dead latent (`dead [inst, d_sae]`) at a random unit direction, encoder norm `scale`."""
-    directions = torch.randn(*dead.shape, sae.cfg.d_in, generator=gen, device=dead.device, dtype=sae.W_enc.dtype)
-    directions = directions / directions.norm(dim=-1, keepdim=True).clamp_min(1e-8)
-    reinit_dead(sae, dead, directions, scale)
-
-
-@torch.no_grad()
-def resample_advanced(
-    sae: SparseAutoencoder, dead: Tensor, h: Tensor, weight: Tensor | None, scale: float,
-    gen: torch.Generator | None = None, loss_power: float = 1.0,
-) -> None:
-    """Towards Monosemanticity's resampling, batched over instances.
-
-    Inputs `h [batch, inst, d_in]` (row multiplicities `weight [batch, inst]`, None: all 1) are drawn
-    with probability proportional to their squared reconstruction error ||h - h_hat||^2 raised to
-    `loss_power` (Anthropic and ARENA square it once more: loss_power 2); a dead latent's decoder
-    row becomes the drawn (h - b_dec), normalised, and its encoder column the same direction scaled to
-    `scale` times the mean norm of the instance's alive encoder columns (1 if none is alive).
-    Instances reconstructing everything are left alone.
-    """
-    out = sae(h)
-    sq_err = (out.reconstruction - h).pow(2).sum(-1).T  # [inst, batch]
-    centered = h - sae.b_dec
-    weights = sq_err.pow(loss_power) if weight is None else sq_err.pow(loss_power) * weight.T
-    weights = weights * (centered.norm(dim=-1).T > 1e-6)  # an input at b_dec has no direction to offer
-    usable = (sq_err.amax(-1) > 1e-6) & (weights.sum(-1) > 0)
-    dead = dead & usable[:, None]
-    weights = torch.where(usable[:, None], weights, torch.ones_like(weights))
-    picks = torch.multinomial(weights, dead.shape[-1], replacement=True, generator=gen)  # [inst, d_sae]
-    inst = torch.arange(dead.shape[0], device=dead.device)[:, None]
-    directions = centered[picks, inst]  # [inst, d_sae, d_in]
-    directions = directions / directions.norm(dim=-1, keepdim=True).clamp_min(1e-8)
-    enc_norms = sae.W_enc.norm(dim=-2)  # [inst, d_sae]
-    alive = ~dead
-    n_alive = alive.sum(-1)
-    mean_alive = (enc_norms * alive).sum(-1) / n_alive.clamp_min(1)
-    mean_alive = torch.where(n_alive > 0, mean_alive, torch.ones_like(mean_alive))
-    reinit_dead(sae, dead, directions, scale * mean_alive)
-
-
-def _latent_mask_for(param: Tensor, sae: SparseAutoencoder, mask: Tensor) -> Tensor | None:
-    """`mask [inst, d_sae]` broadcast to `param`'s shape, or None for parameters without a latent axis (b_dec)."""
-    f = sae.cfg.d_sae
-    if param.shape == mask.shape:
-        return mask
-    if param.ndim == mask.ndim + 1 and param.shape[-1] == f and param.shape[-2] != f:
-        return mask.unsqueeze(-2).expand_as(param)  # W_enc [inst, d_in, d_sae]
-    if param.ndim == mask.ndim + 1 and param.shape[-2] == f:
-        return mask.unsqueeze(-1).expand_as(param)  # W_dec [inst, d_sae, d_in]
-    return None
-
-
-@torch.no_grad()
-def reset_optimizer_rows(opt: torch.optim.Adam, sae: SparseAutoencoder, mask: Tensor) -> None:
-    """Give resampled latents a typical Adam state: no momentum, and the second moment of the others.
-
-    A dead latent's gradients were zero, so its second-moment estimate decayed towards zero; left
-    alone, its first updates after resampling would be ~1/sqrt(1 - beta2) = 30x too large.
-    """
-    for param in sae.parameters():
-        state = opt.state.get(param)
-        m = _latent_mask_for(param, sae, mask)
-        if not state or m is None:
-            continue
-        v = state["exp_avg_sq"]
-        keep = ~m
-        typical = (v * keep).sum() / keep.sum().clamp_min(1)
-        v.copy_(torch.where(m, typical, v))
-        state["exp_avg"].masked_fill_(m, 0.0)
-
-
-def weighted_forward(sae: SparseAutoencoder, x: Tensor, weight: Tensor, batch_size: int,
-                     dead_mask: Tensor | None = None) -> SAEOutput:
-    """`sae(x)` with row `b` of instance `i` counted `weight[b, i]` times in batch means over `batch_size` inputs.
-
-    Uses the architecture's own contract (pre_acts, activation, decode, loss_terms), so every loss term
-    is the library's; with all weights 1 and batch_size = len(x) it equals `sae(x, dead_mask)`.
-    """
-    pre = sae.pre_acts(x)
-    latents = sae.activation(pre)
-    x_hat = sae.decode(latents)
-    terms = {"L_reconstruction": reconstruction_loss(x_hat, x), **sae.loss_terms(x, pre, latents, x_hat, dead_mask)}
-    losses = {name: (term * weight).sum(0) / batch_size for name, term in terms.items()}
-    return SAEOutput(sum(losses.values()).sum(), losses, latents, x_hat)  # type: ignore[arg-type]
-
-
 def train_toy_sae(
     model: ToyModel,
     cfg: ToySAEConfig,
@@ -567,7 +459,7 @@ def train_toy_sae(
     gen = torch.Generator(device=device).manual_seed(cfg.seed + 12345)
     sae_cfg = cfg.sae_config(model.cfg.n_inst, model.cfg.d_hidden)
     sae = build_sae(sae_cfg, seed=cfg.seed).to(device)
-    opt = _adam(sae.parameters(), cfg.lr, (cfg.beta1, cfg.beta2))
+    opt = make_adam(sae.parameters(), cfg.lr, (cfg.beta1, cfg.beta2))
     stream = BatchStream(lambda n: model.sample_hidden_compact(n, cfg.batch_size, gen), cfg.chunk)
     use_aux = sae_cfg.architecture == "topk" and bool(sae_cfg.aux_k)
 
@@ -580,27 +472,25 @@ def train_toy_sae(
     resample_steps: list[int] = []
     n_resampled: list[Tensor] = []
     last_log = 0
-    lr_now = cfg.lr * cfg.lr_factor(0)
+    schedule = cfg.schedule()
+    lr_now = schedule.lr(0)
 
     def snapshot(step: int) -> None:
         snaps.append((step, sae.W_dec.detach().clone(), sae.W_enc.detach().clone()))
 
     snapshot(0)
     for step in range(cfg.steps):
-        lr = cfg.lr * cfg.lr_factor(step)
+        lr = schedule.lr(step)
         if lr != lr_now:
-            for group in opt.param_groups:
-                group["lr"] = lr
+            set_lr(opt, lr)
             lr_now = lr
         h, weight = stream.next()
         dead_mask = since_fired >= cfg.aux_dead_steps if use_aux else None
-        out = weighted_forward(sae, h, weight, cfg.batch_size, dead_mask)
+        coeff = sparsity_coeff_at(sae_cfg.sparsity_coeff, step, cfg.sparsity_warmup_steps)
+        out = sae(h, dead_mask, sparsity_coeff=coeff, weight=weight, batch_size=cfg.batch_size)
         out.loss.backward()
-        if cfg.remove_parallel_grad:
-            sae.remove_parallel_decoder_grad_()
-        opt.step()
+        constrained_step(sae, opt, cfg.remove_parallel_grad)
         opt.zero_grad(set_to_none=True)
-        sae.normalize_decoder_()
 
         with torch.no_grad():
             fired = ((out.latents > 0) * weight[..., None]).sum(0)  # inputs each latent fired on [inst, d_sae]
@@ -613,12 +503,10 @@ def train_toy_sae(
         done = step + 1
         if cfg.resample != "none" and done % cfg.resample_every == 0 and done <= cfg.steps - cfg.resample_every:
             dead = window_fired <= cfg.dead_frequency * cfg.resample_window * cfg.batch_size
-            if cfg.resample == "simple":
-                resample_simple(sae, dead, cfg.resample_scale, gen)
-            else:
-                resample_advanced(sae, dead, *stream.next(), cfg.resample_scale, gen, cfg.resample_loss_power)
-            if cfg.reset_optimizer:
-                reset_optimizer_rows(opt, sae, dead)
+            h_new, w_new = stream.next() if cfg.resample == "advanced" else (None, None)
+            dead = resample_dead_latents(sae, dead, cfg.resample, x=h_new, weight=w_new, scale=cfg.resample_scale,
+                                         gen=gen, loss_power=cfg.resample_loss_power,
+                                         opt=opt if cfg.reset_optimizer else None)
             resample_steps.append(done)
             n_resampled.append(dead.sum(-1))
             window_fired.zero_()

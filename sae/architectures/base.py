@@ -115,19 +115,39 @@ class SparseAutoencoder(nn.Module):
         return self.activation(self.pre_acts(x))
 
     def loss_terms(
-        self, x: Tensor, pre: Tensor, latents: Tensor, x_hat: Tensor, dead_mask: Tensor | None
+        self, x: Tensor, pre: Tensor, latents: Tensor, x_hat: Tensor, dead_mask: Tensor | None,
+        sparsity_coeff: float,
     ) -> dict[str, Tensor]:
         """Per-example loss terms `[batch, *inst]`, already weighted, besides L_reconstruction."""
         raise NotImplementedError
 
-    def forward(self, x: Tensor, dead_mask: Tensor | None = None) -> SAEOutput:
-        """Encode, decode and compute the loss terms. `dead_mask [*inst, d_sae]` feeds AuxK (topk)."""
+    def forward(
+        self,
+        x: Tensor,
+        dead_mask: Tensor | None = None,
+        *,
+        sparsity_coeff: float | None = None,
+        weight: Tensor | None = None,
+        batch_size: int | None = None,
+    ) -> SAEOutput:
+        """Encode, decode and compute the loss terms.
+
+        `dead_mask [*inst, d_sae]` feeds AuxK (topk). `sparsity_coeff`: this step's coefficient (a trainer's
+        warm-up), None: `cfg.sparsity_coeff`; the config is never changed. `weight [batch, *inst]`: how many
+        inputs each row stands for, so batch means are sum(weight * term) / batch_size (the toy trainer's
+        compact batches); None: plain means over the rows.
+        """
+        coeff = self.cfg.sparsity_coeff if sparsity_coeff is None else sparsity_coeff
         pre = self.pre_acts(x)
         latents = self.activation(pre)
         x_hat = self.decode(latents)
         per_example = {"L_reconstruction": reconstruction_loss(x_hat, x)}
-        per_example.update(self.loss_terms(x, pre, latents, x_hat, dead_mask))
-        losses = {name: term.mean(0) for name, term in per_example.items()}
+        per_example.update(self.loss_terms(x, pre, latents, x_hat, dead_mask, coeff))
+        if weight is None:
+            losses = {name: term.mean(0) for name, term in per_example.items()}
+        else:
+            n = x.shape[0] if batch_size is None else batch_size
+            losses = {name: (term * weight).sum(0) / n for name, term in per_example.items()}
         loss = sum(losses.values()).sum()  # type: ignore[union-attr]
         return SAEOutput(loss, losses, latents, x_hat)
 
@@ -174,5 +194,17 @@ class SparseAutoencoder(nn.Module):
             bias.copy_(torch.where(mask, torch.zeros_like(bias), bias))
 
     def latent_bias_names(self) -> tuple[str, ...]:
+        """Parameters `[*inst, d_sae]` that a resampled latent starts again at zero."""
         return ("b_enc",)
+
+    def latent_axes(self) -> dict[str, int]:
+        """Parameter name -> its latent axis (negative), for every parameter that holds one slice per latent.
+
+        Resampling uses it to reset a latent's optimizer state without knowing parameter names; shapes alone
+        cannot tell W_enc `[d_in, F]` from W_dec `[F, d_in]` when F = d_in.
+        """
+        axes = {"W_enc": -1, **{name: -1 for name in self.latent_bias_names()}}
+        if self._W_dec is not None:
+            axes["_W_dec"] = -2
+        return axes
 

@@ -31,11 +31,11 @@ class GatedSAE(SparseAutoencoder):
         mag = pre * self.r_mag.exp() + self.b_mag
         return ((pre + self.b_gate) > 0).to(mag.dtype) * torch.relu(mag)
 
-    def loss_terms(self, x, pre, latents, x_hat, dead_mask) -> dict[str, Tensor]:
+    def loss_terms(self, x, pre, latents, x_hat, dead_mask, sparsity_coeff) -> dict[str, Tensor]:
         gate_acts = torch.relu(pre + self.b_gate)
         via_gate = matmul_inst(gate_acts, self.W_dec.detach()) + self.b_dec.detach()
         return {
-            "L_sparsity": self.cfg.sparsity_coeff * gate_acts.sum(-1),
+            "L_sparsity": sparsity_coeff * gate_acts.sum(-1),
             "L_aux": reconstruction_loss(via_gate, x),
         }
 

@@ -74,9 +74,20 @@ class JumpReLUSAE(SparseAutoencoder):
         # ReLU first so a (loaded) non-positive threshold never lets negative activations through.
         return JumpReLUFn.apply(torch.relu(pre), self.threshold, self.cfg.ste_epsilon)
 
-    def loss_terms(self, x, pre, latents, x_hat, dead_mask) -> dict[str, Tensor]:
+    def loss_terms(self, x, pre, latents, x_hat, dead_mask, sparsity_coeff) -> dict[str, Tensor]:
         l0 = StepFn.apply(pre, self.threshold, self.cfg.ste_epsilon).sum(-1)
-        return {"L_sparsity": self.cfg.sparsity_coeff * l0}
+        return {"L_sparsity": sparsity_coeff * l0}
+
+    def latent_axes(self) -> dict[str, int]:
+        return {**super().latent_axes(), "log_threshold": -1}
+
+    @torch.no_grad()
+    def reinit_latents_(self, mask: Tensor, directions: Tensor, enc_norm: float | Tensor) -> None:
+        """Also put the thresholds back at their initial value: a dead latent's threshold gets no gradient, so
+        a stale (large) one would keep the resampled latent dead."""
+        super().reinit_latents_(mask, directions, enc_norm)
+        init = torch.full_like(self.log_threshold, math.log(self.cfg.init_threshold))
+        self.log_threshold.copy_(torch.where(mask, init, self.log_threshold))
 
     def saved_tensors(self) -> dict[str, Tensor]:
         return {**super().saved_tensors(), "threshold": self.threshold}

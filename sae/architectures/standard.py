@@ -21,7 +21,7 @@ class StandardSAE(SparseAutoencoder):
     def activation(self, pre: Tensor) -> Tensor:
         return torch.relu(pre)
 
-    def loss_terms(self, x, pre, latents, x_hat, dead_mask) -> dict[str, Tensor]:
+    def loss_terms(self, x, pre, latents, x_hat, dead_mask, sparsity_coeff) -> dict[str, Tensor]:
         if self.cfg.l1_decoder_norm:
-            return {"L_sparsity": self.cfg.sparsity_coeff * (latents.abs() * self.W_dec.norm(dim=-1)).sum(-1)}
-        return {"L_sparsity": self.cfg.sparsity_coeff * latents.abs().sum(-1)}
+            return {"L_sparsity": sparsity_coeff * (latents.abs() * self.W_dec.norm(dim=-1)).sum(-1)}
+        return {"L_sparsity": sparsity_coeff * latents.abs().sum(-1)}

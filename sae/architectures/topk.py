@@ -23,7 +23,7 @@ class TopKSAE(SparseAutoencoder):
         values, indices = pre.topk(self.cfg.k, dim=-1)
         return torch.zeros_like(pre).scatter(-1, indices, torch.relu(values))
 
-    def loss_terms(self, x, pre, latents, x_hat, dead_mask) -> dict[str, Tensor]:
+    def loss_terms(self, x, pre, latents, x_hat, dead_mask, sparsity_coeff) -> dict[str, Tensor]:
         if not self.cfg.aux_k:
             return {}
         if dead_mask is None or not bool(dead_mask.any()):

@@ -10,7 +10,8 @@ from sae.architectures import build_sae
 from sae.config import SAEConfig
 from training.activations import ActivationBuffer
 from training.fast_paths import autograd_loss_and_grads, standard_loss_and_grads, topk_loss_and_grads
-from training.trainer import MultiSAETrainer, TrainerConfig, activation_scale, build_specs
+from training.trainer import MultiSAETrainer
+from training.trainer_config import TrainerConfig, activation_scale, build_specs
 
 D = 12
 

@@ -13,7 +13,7 @@ from sae.architectures.base import matmul_inst
 from sae.checkpoint import CFG_FILE, WEIGHTS_FILE, CheckpointError, load_sae, save_sae
 from sae.config import ARCHITECTURES, SAEConfig
 
-SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "examples" / "saelens-format"
+SHARED = Path(__file__).resolve().parents[2].parent / "shared" / "examples" / "saelens-format"
 INSTS = [None, 3]
 D_IN, D_SAE = 6, 10
 

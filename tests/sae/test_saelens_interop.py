@@ -15,7 +15,7 @@ from sae.config import SAEConfig
 
 sae_lens = pytest.importorskip("sae_lens", reason="sae-lens not installed: run `make interop`")
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def _assert_same_encodings(folder: Path, n: int = 64) -> None:

@@ -11,16 +11,10 @@ from sae.checkpoint import load_sae, step_folder
 from sae.config import SAEConfig
 from training.activations import ActivationBuffer
 from training.fast_paths import autograd_loss_and_grads, standard_loss_and_grads, topk_loss_and_grads
-from training.trainer import (
-    CURVES_FILE,
-    MultiSAETrainer,
-    TrainerConfig,
-    activation_scale,
-    build_specs,
-    lr_at,
-    parse_width,
-    resumable_steps,
-)
+from training.loss_curves import CURVES_FILE
+from training.trainer import MultiSAETrainer
+from training.trainer_config import TrainerConfig, activation_scale, build_specs, lr_at, parse_width
+from training.trainer_state import resumable_steps
 
 D = 12
 
@@ -243,22 +237,17 @@ def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
     assert not (tmp_path / "standard" / "F6" / "cfg.json").exists()
 
 
-@pytest.mark.parametrize("method", ["simple", "advanced"])
-def test_resampling_reinitialises_dead_latents(tmp_path, method):
+@pytest.mark.parametrize("fast", [True, False])
+def test_checkpoint_during_sparsity_warmup_records_configured_coefficient(tmp_path, fast):
+    """The warm-up coefficient is passed to each step; it never reaches the SAE's config or its cfg.json."""
     acts = _acts()
-    cfg = _cfg(widths=["20"], architectures=["standard"], resample_every=3, resample_method=method)
+    cfg = _cfg(widths=["6"], architectures=["standard", "gated", "jumprelu"], sparsity_warmup_steps=10,
+               checkpoint_every=4, fast=fast)
     t = _trainer(tmp_path, cfg, acts)
-    t.train(stop_at=2)  # Adam has moments now
-    m = t.members[0]
-    before = {n: p.detach().clone() for n, p in m.sae.named_parameters()}
-    dead = torch.zeros(20, dtype=torch.bool)
-    dead[[1, 5, 7]] = True
-    m.steps_since_fired[dead] = 99
-    assert trainer_mod._resample(cfg, m, acts[:64] * t.scale, dead) == 3
-    w_dec = m.sae.W_dec.detach()
-    assert torch.allclose(w_dec[dead].norm(dim=-1), torch.ones(3))
-    assert not torch.equal(w_dec[dead], before["_W_dec"][dead]) and torch.equal(w_dec[~dead], before["_W_dec"][~dead])
-    assert torch.all(m.sae.b_enc.detach()[dead] == 0) and torch.all(m.steps_since_fired[dead] == 0)
-    assert torch.all(m.opt.state[m.sae.W_enc]["exp_avg"][:, dead] == 0)
-    assert torch.all(m.opt.state[m.sae.decoder_param]["exp_avg_sq"][dead] == 0)
-    assert torch.any(m.opt.state[m.sae.decoder_param]["exp_avg_sq"][~dead] != 0)
+    t.train(stop_at=4)
+    for m in t.members:
+        assert m.spec.cfg.sparsity_coeff > 0
+        assert m.sae.cfg.sparsity_coeff == m.spec.cfg.sparsity_coeff
+        saved = load_sae(step_folder(m.spec.folder, 4)).cfg
+        assert saved.sparsity_coeff == pytest.approx(m.spec.cfg.sparsity_coeff), m.label
+        assert m.curve[-1]["sparsity_coeff"] == pytest.approx(m.spec.cfg.sparsity_coeff * 4 / 10)

@@ -20,15 +20,11 @@ from training.toy import (
     ToySAEConfig,
     evaluate_toy_sae,
     load_toy_model,
-    resample_advanced,
-    resample_simple,
-    reset_optimizer_rows,
     train_toy_model,
     train_toy_sae,
-    weighted_forward,
 )
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 SHIPPED = ROOT / "checkpoints" / "toy"
 
 
@@ -92,71 +88,12 @@ def test_weighted_forward_equals_repeated_rows(arch):
     assert dense.shape == (8, 2, 2)
     dead = torch.tensor([[True, False, False, False, True]] * 2)
     ref = sae(dense, dead)
-    out = weighted_forward(sae, rows, weight, batch_size=8, dead_mask=dead)
+    out = sae(rows, dead, weight=weight, batch_size=8)
     for name in ref.losses:
         assert torch.allclose(out.losses[name], ref.losses[name], atol=1e-6), name
     grads = torch.autograd.grad(ref.loss, list(sae.parameters()))
     for g, g2 in zip(grads, torch.autograd.grad(out.loss, list(sae.parameters()))):
         assert torch.allclose(g, g2, atol=1e-6)
-
-
-@pytest.mark.parametrize("method", ["simple", "advanced"])
-@pytest.mark.parametrize("arch", ARCHITECTURES)
-def test_resampling_revives_dead_latents(arch, method):
-    model = pentagon_model(4)
-    cfg = ToySAEConfig(architecture=arch, k=2 if arch == "topk" else None)
-    sae = build_sae(cfg.sae_config(4, 2), seed=0)
-    gen = torch.Generator().manual_seed(0)
-    h = model.sample_hidden(1, 4096, gen)[0]
-    dead = torch.zeros(4, 5, dtype=torch.bool)
-    dead[:, :2] = True
-    dead[3] = False  # instance 3 is left alone
-    with torch.no_grad():
-        bias = sae.b_gate if arch == "gated" else sae.b_enc
-        bias[dead] = -100.0
-        if arch == "topk":
-            sae.b_enc[~dead] = 0.5  # the healthy latents always win the top-k
-    before = {n: p.detach().clone() for n, p in sae.named_parameters()}
-    assert (sae.encode(h)[..., :2][:, :3] == 0).all()
-    if method == "simple":
-        resample_simple(sae, dead, 0.5, gen)
-    else:
-        resample_advanced(sae, dead, h, None, 0.5, gen)
-    for name, p in sae.named_parameters():  # instance 3 untouched
-        assert torch.equal(p[3], before[name][3]), name
-    assert torch.allclose(sae.W_dec.norm(dim=-1), torch.ones(4, 5), atol=1e-5)
-    if arch == "topk":
-        with torch.no_grad():
-            sae.b_enc.zero_()  # let the resampled latents compete for the top k on equal terms
-    fired = (sae.encode(h) > 0).any(0)
-    assert fired[dead].all(), fired
-    if arch == "jumprelu":
-        assert torch.allclose(sae.threshold[dead], torch.tensor(sae.cfg.init_threshold))
-
-
-def test_advanced_resampling_uses_high_loss_inputs():
-    sae = build_sae(ToySAEConfig().sae_config(1, 2), seed=0)
-    h = torch.zeros(64, 1, 2)
-    h[0, 0] = torch.tensor([0.0, 1.0])  # the only input with any reconstruction error worth picking
-    with torch.no_grad():
-        sae.b_enc.fill_(-100.0)  # nothing fires: the error is |h|^2
-    dead = torch.ones(1, 5, dtype=torch.bool)
-    resample_advanced(sae, dead, h, None, 0.5, torch.Generator().manual_seed(0))
-    assert torch.allclose(sae.W_dec[0], torch.tensor([0.0, 1.0]).expand(5, 2), atol=1e-6)
-
-
-def test_reset_optimizer_rows():
-    sae = build_sae(ToySAEConfig().sae_config(2, 2), seed=0)
-    opt = torch.optim.Adam(sae.parameters(), lr=1e-3)
-    sae(torch.randn(16, 2, 2)).loss.backward()
-    opt.step()
-    mask = torch.zeros(2, 5, dtype=torch.bool)
-    mask[0, 1] = True
-    with torch.no_grad():
-        opt.state[sae.b_enc]["exp_avg_sq"][0, 1] = 0.0
-    reset_optimizer_rows(opt, sae, mask)
-    v = opt.state[sae.b_enc]["exp_avg_sq"]
-    assert v[0, 1] > 0 and opt.state[sae._W_dec]["exp_avg"][0, 1].abs().sum() == 0
 
 
 def test_instances_train_independently():
@@ -173,7 +110,7 @@ def test_instances_train_independently():
     for _ in range(20):
         cb = model.sample_hidden_compact(1, 256, gen)
         for sae, opt in zip(saes, opts):
-            weighted_forward(sae, cb.h[0], cb.weight[0], 256).loss.backward()
+            sae(cb.h[0], weight=cb.weight[0], batch_size=256).loss.backward()
             sae.remove_parallel_decoder_grad_()
             opt.step()
             opt.zero_grad()
@@ -186,12 +123,13 @@ def test_instances_train_independently():
 
 def test_lr_schedules():
     cfg = ToySAEConfig(steps=100, warmup_steps=10, lr_schedule="cosine", decay_start=0.5, min_lr_frac=0.1)
-    assert cfg.lr_factor(0) == pytest.approx(0.1) and cfg.lr_factor(9) == pytest.approx(1.0)
-    assert cfg.lr_factor(50) == pytest.approx(1.0) and cfg.lr_factor(75) == pytest.approx(0.55)
-    assert cfg.lr_factor(100) == pytest.approx(0.1)
+    f = cfg.schedule().factor
+    assert f(0) == pytest.approx(0.1) and f(9) == pytest.approx(1.0)
+    assert f(50) == pytest.approx(1.0) and f(75) == pytest.approx(0.55)
+    assert f(100) == pytest.approx(0.1)
     lin = ToySAEConfig(steps=100, lr_schedule="linear")
-    assert lin.lr_factor(50) == pytest.approx(0.5)
-    assert ToySAEConfig().lr_factor(12345) == 1.0
+    assert lin.schedule().factor(50) == pytest.approx(0.5)
+    assert ToySAEConfig().schedule().factor(12345) == 1.0
 
 
 def test_short_canonical_run_recovers_features():

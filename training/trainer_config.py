@@ -1,0 +1,223 @@
+"""The language-model trainer's configuration: TrainerConfig (the CLI's flags), run names and SAE specs.
+
+A run name is an architecture of the registry or a variant of one (`VARIANTS`); every run trains every
+width, and `build_specs` turns the config into one `SAESpec` (run, SAEConfig, folder) per SAE.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import math
+import platform
+import re
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from torch import Tensor
+
+from sae.architectures import REGISTRY
+from sae.config import SAEConfig
+from training.schedules import LRSchedule
+
+VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
+    "standard": ("standard", {}),
+    "standard-nosparsity": ("standard", {"sparsity_coeff": 0.0}),
+    "standard-tied": ("standard", {"tied": True}),
+    "topk": ("topk", {}),
+    "topk-noauxk": ("topk", {"aux_k": 0}),
+    "gated": ("gated", {}),
+    "jumprelu": ("jumprelu", {}),
+}
+"""Run names accepted by `--architectures`: an architecture, or a variant (architecture + overrides)."""
+
+RECIPE_DEFAULTS: dict[str, dict[str, Any]] = {
+    "standard": {"decoder_norm": "free", "init_norm": 0.1},
+    "topk": {"decoder_norm": "unit", "init_norm": 1.0},
+}
+"""Per-architecture `decoder_norm` / `init_norm` behind "auto" / None (others: unit rows, norm 1), measured
+with bench/bench_quality.py (BENCHMARKS.md, "SAE quality against SAELens")."""
+
+DEFAULT_SPARSITY = {"standard": 2.0, "gated": 5.0, "jumprelu": 0.5}
+"""Default sparsity coefficient x d_in. The library's reconstruction loss is a mean over d_in, so lambda =
+5 / d_in is Anthropic's lambda = 5 for a summed loss, on inputs scaled to E||x||^2 = d_in. Standard uses 2:
+on tinystories-mini (F = 1000, 2,500 steps) it gave L0 28 at variance explained 0.90, where 5 collapsed
+to L0 ~9 at variance explained 0.43."""
+
+
+@dataclass
+class TrainerConfig:
+    widths: list[str] = field(default_factory=lambda: ["100", "d-1", "d", "1000"])
+    """Latent counts F; `d` is the model width (d_model), e.g. 100 d-1 d 1000 4d 2d+1."""
+    architectures: list[str] = field(default_factory=lambda: ["standard", "topk"])
+    """Runs: an architecture (standard topk gated jumprelu) or a variant (standard-nosparsity = plain
+    reconstruction with sparsity 0, standard-tied, topk-noauxk). Every run trains every width."""
+    steps: int = 20_000
+    """Optimizer steps; every SAE sees steps x batch_size activation vectors."""
+    batch_size: int = 4096
+    """Activation vectors per step."""
+    lr: float = 4e-4
+    """Peak Adam learning rate."""
+    lr_warmup_steps: int = 500
+    """Linear LR warm-up from 0."""
+    lr_decay_fraction: float = 0.2
+    """The LR decays linearly to 0 over this last fraction of the steps."""
+    adam_beta1: float = 0.9
+    """Adam beta1."""
+    adam_beta2: float = 0.999
+    """Adam beta2."""
+    sparsity_coeff: float | None = None
+    """Sparsity coefficient (L1 for standard/gated, L0 for jumprelu; variants may override it).
+    None: DEFAULT_SPARSITY[architecture] / d_in (standard 2 / d_in, gated 5 / d_in, jumprelu's L0 0.5 / d_in)."""
+    sparsity_warmup_steps: int = 1000
+    """Linear warm-up of the sparsity coefficient from 0."""
+    k: int = 32
+    """topk: latents kept per token."""
+    aux_k: int = 256
+    """topk: dead latents in the AuxK loss (0 disables it)."""
+    aux_coeff: float = 1 / 32
+    """topk: weight of the AuxK loss."""
+    dead_window: int = 500
+    """A latent that has not fired for this many steps is dead (AuxK, resampling, frac_dead)."""
+    grad_clip_norm: float = 1.0
+    """Clip each SAE's gradient to this global norm before Adam, measured on the loss summed over d_in
+    (SAELens's scale, d_in x this trainer's per-element loss), so 1.0 is SAELens's fixed clip; 0: off."""
+    decoder_norm: Literal["auto", "unit", "free"] = "auto"
+    """unit: decoder rows renormalised to 1 after every step (the gradient along them dropped); free:
+    unconstrained decoder with the L1 term weighted by decoder-row norm (standard only; rows folded to unit
+    norm in saved checkpoints); auto: RECIPE_DEFAULTS per architecture."""
+    init_norm: float | None = None
+    """Initial norm of the encoder columns (and of free decoder rows); None: RECIPE_DEFAULTS per architecture."""
+    b_dec_init: Literal["mean", "zeros"] = "mean"
+    """Initial decoder bias: the mean training activation, or zeros."""
+    aux_relu: bool = True
+    """topk: ReLU the AuxK activations (False: raw pre-activations of the dead latents, as SAELens)."""
+    aux_scale_dead: bool = False
+    """topk: scale the AuxK loss by min(dead latents / aux_k, 1), as SAELens."""
+    resample_every: int = 0
+    """Resample dead latents every this many steps (0: never)."""
+    resample_method: Literal["simple", "advanced"] = "advanced"
+    """simple: random unit directions; advanced: inputs drawn in proportion to their squared error."""
+    resample_scale: float = 0.2
+    """Encoder norm of a resampled latent: this (simple), or this times the mean alive encoder norm (advanced)."""
+    normalize_activations: bool = True
+    """Scale inputs to E||x||^2 = d_in while training (folded into the saved weights)."""
+    fast: bool = True
+    """Use the hand-written standard/topk paths (False: autograd through the library modules)."""
+    seed: int = 0
+    """Seed of SAE initialisation, data order and resampling."""
+    checkpoint_every: int = 5000
+    """Write intermediate checkpoints (steps/<step>/) every this many steps (0: never)."""
+    keep_optimizer_state: int = 1
+    """Keep the resumable state (Adam moments etc.) in only the newest this many intermediate checkpoints."""
+    log_every: int = 50
+    """Loss-curve row every this many steps (averaged over them)."""
+    progress: bool = True
+    """Show a tqdm progress bar."""
+
+
+@dataclass
+class SAESpec:
+    """One SAE of the run: the run name (architecture or variant), its config and its final folder."""
+
+    run: str
+    cfg: SAEConfig
+    folder: Path
+
+
+def parse_width(spec: str | int, d_model: int) -> int:
+    """`"1000"` -> 1000, `"d"` -> d_model, `"d-1"`, `"4d"`, `"2d+1"`."""
+    s = str(spec).replace(" ", "").lower()
+    m = re.fullmatch(r"(\d+)?(d)?([+-]\d+)?", s)
+    if not s or not m or (m.group(1) is None and m.group(2) is None):
+        raise ValueError(f"bad width {spec!r}: expected an integer or an expression like d, d-1, 4d, 2d+1")
+    if m.group(2):
+        value = int(m.group(1) or 1) * d_model + int(m.group(3) or 0)
+    elif m.group(3):
+        raise ValueError(f"bad width {spec!r}: an offset needs 'd' (e.g. d-1)")
+    else:
+        value = int(m.group(1))
+    if value <= 0:
+        raise ValueError(f"width {spec!r} gives F={value} for d={d_model}; F must be positive")
+    return value
+
+
+def decoder_norm_for(cfg: TrainerConfig, arch: str, tied: bool = False) -> str:
+    """"unit" or "free" for this architecture ("auto" resolved; tied and non-standard decoders are unit)."""
+    mode = cfg.decoder_norm if cfg.decoder_norm != "auto" else RECIPE_DEFAULTS.get(arch, {}).get("decoder_norm", "unit")
+    if mode == "free" and (arch != "standard" or tied):
+        if cfg.decoder_norm == "free":
+            raise ValueError(f"--decoder-norm free is implemented for the untied standard SAE only, not {arch!r}")
+        return "unit"
+    return mode
+
+
+def init_norm_for(cfg: TrainerConfig, arch: str) -> float:
+    """Initial encoder-column norm (and free decoder-row norm) of this architecture."""
+    if cfg.init_norm is not None:
+        if cfg.init_norm <= 0:
+            raise ValueError(f"--init-norm must be positive, got {cfg.init_norm}")
+        return cfg.init_norm
+    return float(RECIPE_DEFAULTS.get(arch, {}).get("init_norm", 1.0))
+
+
+def sae_config_for(cfg: TrainerConfig, run: str, d_in: int, d_sae: int, metadata: dict[str, Any]) -> SAEConfig:
+    """The SAEConfig of one run name at one width."""
+    if run not in VARIANTS:
+        raise ValueError(f"unknown architecture/variant {run!r}; choose from {sorted(VARIANTS)}")
+    arch, overrides = VARIANTS[run]
+    assert arch in REGISTRY
+    coeff = cfg.sparsity_coeff if cfg.sparsity_coeff is not None else DEFAULT_SPARSITY.get(arch, 0.0) / d_in
+    kwargs: dict[str, Any] = {"sparsity_coeff": 0.0 if arch == "topk" else coeff}
+    if arch == "topk":
+        kwargs.update(k=min(cfg.k, d_sae), aux_k=cfg.aux_k or None, aux_coeff=cfg.aux_coeff, aux_relu=cfg.aux_relu,
+                      aux_scale_dead=cfg.aux_scale_dead)
+    kwargs.update(overrides)
+    kwargs["l1_decoder_norm"] = decoder_norm_for(cfg, arch, bool(kwargs.get("tied"))) == "free"
+    if arch == "topk" and not kwargs.get("aux_k"):
+        kwargs["aux_k"] = None
+    return SAEConfig(architecture=arch, d_in=d_in, d_sae=d_sae, metadata=dict(metadata), **kwargs)
+
+
+def build_specs(
+    cfg: TrainerConfig, d_in: int, folder_for: Callable[[str, int], Path], metadata: dict[str, Any]
+) -> list[SAESpec]:
+    """Every (run, width) of the config; `folder_for(run, d_sae)` names each final folder."""
+    widths = list(dict.fromkeys(parse_width(w, d_in) for w in cfg.widths))
+    runs = list(dict.fromkeys(cfg.architectures))
+    if not widths or not runs:
+        raise ValueError("need at least one width and one architecture")
+    return [SAESpec(run, sae_config_for(cfg, run, d_in, f, metadata), Path(folder_for(run, f)))
+            for run in runs for f in widths]
+
+
+def lr_schedule(cfg: TrainerConfig) -> LRSchedule:
+    """Linear warm-up, constant, linear decay to 0 over the last `lr_decay_fraction` of the steps."""
+    decay_steps = int(cfg.steps * cfg.lr_decay_fraction)
+    return LRSchedule(peak=cfg.lr, total_steps=cfg.steps, warmup_steps=cfg.lr_warmup_steps,
+                      decay="linear" if decay_steps > 0 else "constant", decay_start=cfg.steps - decay_steps)
+
+
+def lr_at(cfg: TrainerConfig, step: int) -> float:
+    """LR of step `step` (0-based)."""
+    return lr_schedule(cfg).lr(step)
+
+
+def library_versions() -> dict[str, str]:
+    out = {"python": platform.python_version()}
+    for pkg in ("torch", "transformers", "safetensors", "tokenizers", "huggingface_hub", "numpy"):
+        try:
+            out[pkg] = importlib.metadata.version(pkg)
+        except importlib.metadata.PackageNotFoundError:
+            pass
+    return out
+
+
+def activation_scale(acts: Tensor, max_rows: int = 100_000) -> float:
+    """sqrt(d / mean ||x||^2) over (at most `max_rows` evenly spaced rows of) `acts [n, d]`."""
+    step = max(1, len(acts) // max_rows)
+    sample = acts[::step].double()
+    return float(math.sqrt(acts.shape[1] / sample.pow(2).sum(-1).mean().clamp_min(1e-12)))
+
+

@@ -1,0 +1,157 @@
+"""Per-SAE training state of the language-model trainer, and how it is saved and resumed.
+
+Each SAE of a run owns its module, Adam optimizer, dead-latent counters, RNG and loss curve
+(`Member`). An intermediate checkpoint `<folder>/steps/<step>/` holds, beside the SAE folder:
+```
+trainer_state.json             step, tokens, data-buffer position, RNG, Adam step, trainer config
+trainer_state.safetensors      raw (unscaled) parameters, Adam moments, steps-since-fired counters
+```
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import zlib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from sae.architectures import SparseAutoencoder, build_sae
+from sae.checkpoint import STEPS_DIR
+from training.optim import make_adam
+from training.trainer_config import SAESpec, TrainerConfig, init_norm_for
+
+STATE_JSON = "trainer_state.json"
+STATE_TENSORS = "trainer_state.safetensors"
+STATE_FORMAT = 1
+
+RESUME_FREE_SETTINGS = frozenset({"steps", "checkpoint_every", "keep_optimizer_state", "log_every", "progress",
+                                  "widths", "architectures", "lr_decay_fraction"})
+"""TrainerConfig fields a resumed run may change (everything else changes the data or the optimisation path)."""
+
+
+@dataclass
+class Member:
+    spec: SAESpec
+    sae: SparseAutoencoder
+    opt: torch.optim.Adam
+    gen: torch.Generator
+    steps_since_fired: Tensor
+    fire_counts: Tensor
+    """[F] firing counts since the last checkpoint (log10 of their frequency -> sparsity.safetensors)."""
+    tokens_counted: int = 0
+    curve: list[dict[str, float]] = field(default_factory=list)
+    acc: dict[str, float] = field(default_factory=dict)
+    acc_n: int = 0
+
+    @property
+    def label(self) -> str:
+        return f"{self.spec.run}/F{self.spec.cfg.d_sae}"
+
+
+def member_seed(seed: int, spec: SAESpec) -> int:
+    return (seed * 1_000_003 + zlib.crc32(f"{spec.run}/{spec.cfg.d_sae}".encode())) % (1 << 62)
+
+
+def make_member(cfg: TrainerConfig, spec: SAESpec) -> Member:
+    sae = build_sae(spec.cfg, seed=cfg.seed)
+    init = init_norm_for(cfg, spec.cfg.architecture)
+    if init != 1.0:
+        with torch.no_grad():  # unit rows from build_sae; a unit decoder stays unit, its encoder starts small
+            sae.W_enc.mul_(init)
+            if spec.cfg.l1_decoder_norm and sae._W_dec is not None:
+                sae._W_dec.mul_(init)
+    sae.train()
+    opt = make_adam(sae.parameters(), cfg.lr, (cfg.adam_beta1, cfg.adam_beta2))
+    f = spec.cfg.d_sae
+    return Member(spec, sae, opt, torch.Generator().manual_seed(member_seed(cfg.seed, spec)),
+                   torch.zeros(f, dtype=torch.long), torch.zeros(f, dtype=torch.long))
+
+
+
+
+def fold_scale(sae: SparseAutoencoder, scale: float) -> SparseAutoencoder:
+    """An untied copy that reads raw activations: trained on s x, so W_enc * s, W_dec / s, b_dec / s.
+
+    A free decoder's row norms n are folded first (W_dec / n, W_enc * n, b_enc * n: same reconstruction,
+    unit rows, and the decoder-norm-weighted L1 becomes the plain one)."""
+    if scale == 1.0 and not sae.cfg.tied and not sae.cfg.l1_decoder_norm:
+        return sae
+    w = sae.effective_weights()
+    if sae.cfg.l1_decoder_norm:
+        norms = w["W_dec"].norm(dim=-1).clamp_min(1e-12)  # [F]
+        w["W_dec"] = w["W_dec"] / norms[:, None]
+        w["W_enc"] = w["W_enc"] * norms
+        w["b_enc"] = w["b_enc"] * norms
+    w["W_enc"] = w["W_enc"] * scale
+    w["W_dec"] = w["W_dec"] / scale
+    w["b_dec"] = w["b_dec"] / scale
+    out = build_sae(sae.cfg.replace(tied=False), seed=0)  # a shell: every weight is overwritten
+    out.load_effective_weights(w)
+    return out
+
+
+def state_tensors(m: Member) -> dict[str, Tensor]:
+    tensors: dict[str, Tensor] = {}
+    for name, p in m.sae.named_parameters():
+        tensors[f"param.{name}"] = p.detach().contiguous().clone()
+        state = m.opt.state.get(p, {})
+        for key in ("exp_avg", "exp_avg_sq"):
+            if key in state:
+                tensors[f"{key}.{name}"] = state[key].contiguous().clone()
+    tensors["steps_since_fired"] = m.steps_since_fired.clone()
+    return tensors
+
+
+def adam_step(m: Member) -> float:
+    for state in m.opt.state.values():
+        if "step" in state:
+            return float(state["step"])
+    return 0.0
+
+
+def load_member_state(m: Member, tensors: dict[str, Tensor], meta: dict[str, Any]) -> None:
+    with torch.no_grad():
+        for name, p in m.sae.named_parameters():
+            p.copy_(tensors[f"param.{name}"])
+            if f"exp_avg.{name}" in tensors:
+                # Moments take the parameter's memory layout (W_enc is stored transposed): the fused Adam
+                # kernel pairs elements by memory position.
+                m.opt.state[p] = {
+                    "step": torch.tensor(float(meta["adam_step"]), dtype=torch.float32),
+                    "exp_avg": torch.empty_like(p).copy_(tensors[f"exp_avg.{name}"]),
+                    "exp_avg_sq": torch.empty_like(p).copy_(tensors[f"exp_avg_sq.{name}"]),
+                }
+    m.steps_since_fired = tensors["steps_since_fired"].clone()
+    m.fire_counts.zero_()  # as right after the checkpoint was written (its counts are its sparsity file)
+    m.tokens_counted = 0
+    m.gen.set_state(torch.tensor(meta["rng_state"], dtype=torch.uint8))
+
+
+def has_state(folder: Path) -> bool:
+    return (folder / STATE_JSON).is_file() and (folder / STATE_TENSORS).is_file()
+
+
+def resumable_steps(folder: Path) -> list[int]:
+    """Steps with a complete resumable checkpoint under `<folder>/steps/`, ascending."""
+    root = folder / STEPS_DIR
+    if not root.is_dir():
+        return []
+    return sorted(int(p.name) for p in root.iterdir() if p.name.isdigit() and has_state(p))
+
+
+
+
+def check_compatible(cfg: TrainerConfig, saved: dict[str, Any], folder: Path) -> None:
+    """Settings that change the data or the optimisation path must match the checkpoint's.
+
+    A field the checkpoint predates counts as its default (older checkpoints stay resumable)."""
+    defaults = {f.name: f.default for f in dataclasses.fields(TrainerConfig)}
+    now = dataclasses.asdict(cfg)
+    diff = {k: (saved.get(k, defaults[k]), now[k]) for k in now
+            if k not in RESUME_FREE_SETTINGS and saved.get(k, defaults[k]) != now[k]}
+    if diff:
+        raise ValueError(f"cannot resume from {folder}: settings differ from the checkpoint's (was, now): {diff}")
