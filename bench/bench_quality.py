@@ -297,20 +297,15 @@ def build_runs(args: argparse.Namespace, d_in: int) -> list[Run]:
                     runs.append(Run("saelens", arch, d_sae, l1, dict(theirs_opts), f"saelens-{tag}"))
                 if "ours" in args.libraries:
                     runs.append(Run("ours", arch, d_sae, l1, dict(ours_opts), f"ours-{tag}"))
-                for variant in args.ours_variant:
-                    name, _, opts = variant.partition(":")
-                    if name.split("@")[-1] not in (arch, "any"):
-                        continue
-                    extra = _parse_options([o for o in opts.split(",") if o])
-                    runs.append(Run("ours", arch, d_sae, l1, {**ours_opts, **extra},
-                                    f"ours-{name.split('@')[0]}-{tag}"))
-                for variant in args.saelens_variant:
-                    name, _, opts = variant.partition(":")
-                    if name.split("@")[-1] not in (arch, "any"):
-                        continue
-                    extra = _parse_options([o for o in opts.split(",") if o])
-                    runs.append(Run("saelens", arch, d_sae, l1, {**theirs_opts, **extra},
-                                    f"saelens-{name.split('@')[0]}-{tag}"))
+                for library, variants, base in (("ours", args.ours_variant, ours_opts),
+                                                ("saelens", args.saelens_variant, theirs_opts)):
+                    for variant in variants:
+                        name, _, opts = variant.partition(":")
+                        if name.split("@")[-1] not in (arch, "any"):
+                            continue
+                        extra = _parse_options([o for o in opts.split(",") if o])
+                        runs.append(Run(library, arch, d_sae, l1, {**base, **extra},
+                                        f"{library}-{name.split('@')[0]}-{tag}"))
     return runs
 
 
