@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from sae.architectures import SparseAutoencoder, StandardSAE, TopKSAE
+from sae.config import SAEConfig
 
 
 class StepLosses(NamedTuple):
@@ -234,6 +235,35 @@ def _topk_sparse_backward(sae: TopKSAE, xc: Tensor, groups: list[_Group]) -> Ten
     return torch.zeros(n_lat, dtype=xc.dtype).index_add_(0, col.long(), d_pre)
 
 
+class _Effective(NamedTuple):
+    """TopK weights with the decoder norms n factored out: W_enc n, b_enc n, W_dec / n (what the module uses
+    with rescale_acts_by_decoder_norm), as leaf tensors that receive `.grad`."""
+
+    cfg: SAEConfig
+    W_enc: Tensor
+    b_enc: Tensor
+    decoder_param: Tensor
+    b_dec: Tensor
+
+
+def rescaled_topk_loss_and_grads(sae: TopKSAE, x: Tensor, dead_mask: Tensor | None = None) -> StepLosses:
+    """TopK with rescale_acts_by_decoder_norm: the unit-row fast path on the effective weights, its
+    gradients taken back through W_enc n, b_enc n and W_dec = n u (u unit) by the chain rule."""
+    W_enc, b_enc, W_dec = sae.W_enc, sae.b_enc, sae.decoder_param
+    with torch.no_grad():
+        n = W_dec.norm(dim=1).clamp_min(1e-12)  # [F]
+        u = W_dec / n[:, None]
+        eff = _Effective(sae.cfg, W_enc * n, b_enc * n, u, sae.b_dec)
+        out = topk_loss_and_grads(eff, x, dead_mask)  # type: ignore[arg-type]
+        g_enc, g_benc, g_u = eff.W_enc.grad, eff.b_enc.grad, eff.decoder_param.grad
+        g_n = (g_enc * W_enc).sum(0) + g_benc * b_enc  # [F]: d loss / d n through the encoder side
+        _set_grad(W_enc, g_enc * n)
+        _set_grad(b_enc, g_benc * n)
+        radial = (g_u * u).sum(1, keepdim=True)
+        _set_grad(W_dec, (g_u - radial * u) / n[:, None] + g_n[:, None] * u)  # b_dec's grad is set directly
+    return out
+
+
 def autograd_loss_and_grads(
     sae: SparseAutoencoder, x: Tensor, dead_mask: Tensor | None = None, sparsity_coeff: float | None = None
 ) -> StepLosses:
@@ -259,6 +289,8 @@ def loss_and_grads(
     """Dispatch: the fast path when there is one (and `fast`), autograd otherwise."""
     if fast and has_fast_path(sae):
         if isinstance(sae, TopKSAE):
+            if sae.cfg.rescale_acts_by_decoder_norm:
+                return rescaled_topk_loss_and_grads(sae, x, dead_mask)
             return topk_loss_and_grads(sae, x, dead_mask)
         return standard_loss_and_grads(sae, x, sparsity_coeff)  # type: ignore[arg-type]
     return autograd_loss_and_grads(sae, x, dead_mask, sparsity_coeff)

@@ -117,7 +117,7 @@ class MultiSAETrainer:
             out: StepLosses = loss_and_grads(m.sae, x, coeff, dead, fast=cfg.fast)
             set_lr(m.opt, lr)
             # The clip is on SAELens's scale: our loss (a mean over d_in) and its gradient are its / d_in.
-            constrained_step(m.sae, m.opt, unit_decoder=not m.spec.cfg.l1_decoder_norm,
+            constrained_step(m.sae, m.opt, unit_decoder=not m.spec.cfg.free_decoder,
                              clip_norm=cfg.grad_clip_norm / m.spec.cfg.d_in)
             fired = out.fire_counts > 0
             m.steps_since_fired += 1

@@ -85,8 +85,9 @@ class TrainerConfig:
     (SAELens's scale, d_in x this trainer's per-element loss), so 1.0 is SAELens's fixed clip; 0: off."""
     decoder_norm: Literal["auto", "unit", "free"] = "auto"
     """unit: decoder rows renormalised to 1 after every step (the gradient along them dropped); free:
-    unconstrained decoder with the L1 term weighted by decoder-row norm (standard only; rows folded to unit
-    norm in saved checkpoints); auto: RECIPE_DEFAULTS per architecture."""
+    unconstrained decoder with its row norms factored out of the latents (standard: L1 weighted by row norm;
+    topk: selection on pre-activations times row norm, SAELens's rescale_acts_by_decoder_norm), folded into
+    unit rows in saved checkpoints; auto: RECIPE_DEFAULTS per architecture."""
     init_norm: float | None = None
     """Initial norm of the encoder columns (and of free decoder rows); None: RECIPE_DEFAULTS per architecture."""
     b_dec_init: Literal["mean", "zeros"] = "mean"
@@ -144,11 +145,11 @@ def parse_width(spec: str | int, d_model: int) -> int:
 
 
 def decoder_norm_for(cfg: TrainerConfig, arch: str, tied: bool = False) -> str:
-    """"unit" or "free" for this architecture ("auto" resolved; tied and non-standard decoders are unit)."""
+    """"unit" or "free" for this architecture ("auto" resolved; tied decoders and other architectures: unit)."""
     mode = cfg.decoder_norm if cfg.decoder_norm != "auto" else RECIPE_DEFAULTS.get(arch, {}).get("decoder_norm", "unit")
-    if mode == "free" and (arch != "standard" or tied):
+    if mode == "free" and (arch not in ("standard", "topk") or tied):
         if cfg.decoder_norm == "free":
-            raise ValueError(f"--decoder-norm free is implemented for the untied standard SAE only, not {arch!r}")
+            raise ValueError(f"--decoder-norm free is implemented for untied standard and topk SAEs, not {arch!r}")
         return "unit"
     return mode
 
@@ -174,7 +175,8 @@ def sae_config_for(cfg: TrainerConfig, run: str, d_in: int, d_sae: int, metadata
         kwargs.update(k=min(cfg.k, d_sae), aux_k=cfg.aux_k or None, aux_coeff=cfg.aux_coeff, aux_relu=cfg.aux_relu,
                       aux_scale_dead=cfg.aux_scale_dead)
     kwargs.update(overrides)
-    kwargs["l1_decoder_norm"] = decoder_norm_for(cfg, arch, bool(kwargs.get("tied"))) == "free"
+    free = decoder_norm_for(cfg, arch, bool(kwargs.get("tied"))) == "free"
+    kwargs.update(l1_decoder_norm=free and arch == "standard", rescale_acts_by_decoder_norm=free and arch == "topk")
     if arch == "topk" and not kwargs.get("aux_k"):
         kwargs["aux_k"] = None
     return SAEConfig(architecture=arch, d_in=d_in, d_sae=d_sae, metadata=dict(metadata), **kwargs)

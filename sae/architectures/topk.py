@@ -19,6 +19,19 @@ class TopKSAE(SparseAutoencoder):
         super().__init__(cfg, seed)
         self.b_enc = nn.Parameter(torch.zeros(*self.inst_shape, cfg.d_sae, dtype=self.W_enc.dtype))
 
+    def pre_acts(self, x: Tensor) -> Tensor:
+        pre = super().pre_acts(x)
+        return pre * self.W_dec.norm(dim=-1) if self.cfg.rescale_acts_by_decoder_norm else pre
+
+    def unit_decoder(self) -> Tensor:
+        """The rows the latents multiply: W_dec, or W_dec / row norm with rescale_acts_by_decoder_norm."""
+        if self.cfg.rescale_acts_by_decoder_norm:
+            return self.W_dec / self.W_dec.norm(dim=-1, keepdim=True)
+        return self.W_dec
+
+    def decode(self, latents: Tensor) -> Tensor:
+        return matmul_inst(latents, self.unit_decoder()) + self.b_dec
+
     def activation(self, pre: Tensor) -> Tensor:
         values, indices = pre.topk(self.cfg.k, dim=-1)
         return torch.zeros_like(pre).scatter(-1, indices, torch.relu(values))
@@ -34,7 +47,7 @@ class TopKSAE(SparseAutoencoder):
         # Picks beyond the dead latents are -inf: they contribute nothing either way.
         acts = torch.relu(values) if self.cfg.aux_relu else values.masked_fill(values.isinf(), 0.0)
         aux_latents = torch.zeros_like(pre).scatter(-1, indices, acts)
-        aux_recon = matmul_inst(aux_latents, self.W_dec)
+        aux_recon = matmul_inst(aux_latents, self.unit_decoder())
         return {"L_aux": aux_weight(self.cfg, dead_mask) * reconstruction_loss(aux_recon, residual)}
 
 

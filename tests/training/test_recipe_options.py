@@ -7,9 +7,15 @@ import pytest
 import torch
 
 from sae.architectures import build_sae
+from sae.checkpoint import load_sae
 from sae.config import SAEConfig
 from training.activations import ActivationBuffer
-from training.fast_paths import autograd_loss_and_grads, standard_loss_and_grads, topk_loss_and_grads
+from training.fast_paths import (
+    autograd_loss_and_grads,
+    loss_and_grads,
+    standard_loss_and_grads,
+    topk_loss_and_grads,
+)
 from training.trainer import MultiSAETrainer
 from training.trainer_config import TrainerConfig, activation_scale, build_specs
 
@@ -149,6 +155,41 @@ def test_default_init_norms_and_mean_b_dec(tmp_path):
 
 def test_free_decoder_refused_where_not_implemented(tmp_path):
     with pytest.raises(ValueError, match="free"):
-        _trainer(tmp_path, _acts(), decoder_norm="free")  # topk is in the run
+        _trainer(tmp_path, _acts(), decoder_norm="free", architectures=["standard", "gated"])
     with pytest.raises(ValueError, match="positive"):
         _trainer(tmp_path, _acts(), init_norm=0.0)
+
+
+@pytest.mark.parametrize("d_sae,n_dead", [(40, 3), (400, 0), (400, 25)])  # dense / sparse backward
+def test_fast_rescaled_topk_matches_autograd(d_sae, n_dead):
+    """rescale_acts_by_decoder_norm (TopK with a free decoder): fast path = autograd through the module."""
+    cfg = SAEConfig("topk", D, d_sae, k=5, aux_k=6, dtype="float64", rescale_acts_by_decoder_norm=True)
+    sae = _perturbed(cfg)
+    ref = copy.deepcopy(sae)
+    x = _acts(96).double()
+    dead = torch.zeros(d_sae, dtype=torch.bool)
+    dead[torch.randperm(d_sae, generator=torch.Generator().manual_seed(2))[:n_dead]] = True
+    _assert_same(sae, ref, loss_and_grads(sae, x, 0.0, dead), autograd_loss_and_grads(ref, x, dead))
+    # Same function as the unit-row SAE with the norms folded into the encoder.
+    folded = build_sae(cfg.replace(rescale_acts_by_decoder_norm=False))
+    n = sae.W_dec.norm(dim=-1)
+    folded.load_effective_weights({"W_enc": sae.W_enc * n, "b_enc": sae.b_enc * n, "W_dec": sae.W_dec / n[:, None],
+                                   "b_dec": sae.b_dec})
+    with torch.no_grad():
+        torch.testing.assert_close(folded(x).reconstruction, sae(x).reconstruction)
+
+
+def test_free_topk_saves_folded_unit_rows(tmp_path):
+    acts = _acts()
+    t = _trainer(tmp_path, acts, architectures=["topk"], decoder_norm="free", init_norm=0.3)
+    (m,) = t.members
+    assert m.spec.cfg.rescale_acts_by_decoder_norm
+    torch.testing.assert_close(m.sae.W_dec.norm(dim=-1), torch.full((20,), 0.3))
+    (folder,) = t.train()
+    saved = load_sae(folder)
+    assert not saved.cfg.rescale_acts_by_decoder_norm
+    x = acts[:50]
+    with torch.no_grad():
+        torch.testing.assert_close(saved(x).reconstruction, m.sae(x * t.scale).reconstruction / t.scale,
+                                   rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(saved.W_dec.norm(dim=-1), torch.full((20,), 1 / t.scale), rtol=1e-5, atol=1e-5)
