@@ -32,12 +32,12 @@ import pandas as pd
 from matplotlib.figure import Figure
 
 from sae import analysis as A
+from sae import layout
 
 log = logging.getLogger("sae-explorer")
 HERE = Path(__file__).resolve().parent
 DEFAULT_CHECKPOINTS = HERE / "checkpoints"
 HUB_TIMEOUT_S = 20.0
-LOSS_CURVES_FILE = "loss_curves.csv"
 CURVE_TERMS = ("loss", "mse", "l0", "frac_dead")
 """loss_curves.csv columns plotted in the compare tab (when present): the "four regimes" picture."""
 
@@ -53,16 +53,16 @@ EXAMPLES = [
 ]
 
 METRIC_ROWS = [
-    ("mse", "MSE", "mean over tokens and dimensions of (x̂ − x)²"),
-    ("variance_explained", "variance explained", "1 − Σ‖x − x̂‖² / Σ‖x − mean x‖² over this text's tokens"),
-    ("cossim", "cosine(x, x̂)", "mean cosine similarity of activation and reconstruction"),
-    ("l2_ratio", "‖x̂‖ / ‖x‖", "below 1 means shrinkage"),
-    ("l0", "L0", "mean number of latents firing per token"),
-    ("ce_loss_without_sae", "CE clean", "next-token cross-entropy of the unmodified model (nats)"),
-    ("ce_loss_with_sae", "CE with SAE", "the SAE's reconstruction spliced in at the hook"),
-    ("ce_loss_with_ablation", "CE with zeros", "zeros spliced in at the hook"),
-    ("ce_loss_score", "CE loss score", "(zeros − SAE) / (zeros − clean): 1 = nothing lost"),
-    ("kl_div_with_sae", "KL(clean ‖ SAE)", "mean over next-token positions"),
+    (layout.MSE, "MSE", "mean over tokens and dimensions of (x̂ − x)²"),
+    (layout.VARIANCE_EXPLAINED, "variance explained", "1 − Σ‖x − x̂‖² / Σ‖x − mean x‖² over this text's tokens"),
+    (layout.COSSIM, "cosine(x, x̂)", "mean cosine similarity of activation and reconstruction"),
+    (layout.L2_RATIO, "‖x̂‖ / ‖x‖", "below 1 means shrinkage"),
+    (layout.L0, "L0", "mean number of latents firing per token"),
+    (layout.CE_LOSS_WITHOUT_SAE, "CE clean", "next-token cross-entropy of the unmodified model (nats)"),
+    (layout.CE_LOSS_WITH_SAE, "CE with SAE", "the SAE's reconstruction spliced in at the hook"),
+    (layout.CE_LOSS_WITH_ABLATION, "CE with zeros", "zeros spliced in at the hook"),
+    (layout.CE_LOSS_SCORE, "CE loss score", "(zeros − SAE) / (zeros − clean): 1 = nothing lost"),
+    (layout.KL_DIV_WITH_SAE, "KL(clean ‖ SAE)", "mean over next-token positions"),
 ]
 
 CSS = """
@@ -146,7 +146,7 @@ def parse_step(value: str | None) -> int | None:
 
 
 def read_loss_curves(folder: Path) -> dict[str, list[float]] | None:
-    path = folder / LOSS_CURVES_FILE
+    path = folder / layout.LOSS_CURVES_FILE
     if not path.is_file():
         return None
     cols: dict[str, list[float]] = {}
@@ -612,7 +612,7 @@ def build_ui(ex: Explorer) -> gr.Blocks:
                 return {}
             p = Path(folder)
             summary, inst = toy_tables(A.read_metrics(p))
-            feats, gif = p / "features.png", p / "training.gif"
+            feats, gif = p / layout.TOY_FEATURES_PLOT, p / layout.TOY_TRAINING_GIF
             return {toy_features: str(feats) if feats.is_file() else None,
                     toy_gif: str(gif) if gif.is_file() else None, toy_summary: summary, toy_inst: inst}
 

@@ -27,7 +27,7 @@ from sae.architectures import build_sae
 from sae.config import SAEConfig
 from training.optim import constrained_step, make_adam
 from training.resampling import ADAM_POLICIES, resample_dead_latents
-from training.toy import ToyModel, ToyModelConfig
+from training.toy.model import ToyModel, ToyModelConfig
 
 
 def lm_like_batches(d_in: int, n_dirs: int, batch: int, gen: torch.Generator):

@@ -27,16 +27,10 @@ sys.path.insert(0, str(ROOT))
 
 from sae.architectures import build_sae  # noqa: E402
 from sae.config import SAEConfig  # noqa: E402
-from training.toy import (  # noqa: E402
-    TOY_MODEL_FILE,
-    ToyModel,
-    ToyModelConfig,
-    ToySAEConfig,
-    evaluate_toy_sae,
-    load_toy_model,
-    train_toy_model,
-    train_toy_sae,
-)
+from sae.layout import TOY_MODEL_FILE  # noqa: E402
+from training.toy.model import ToyModel, ToyModelConfig, load_toy_model, train_toy_model  # noqa: E402
+from training.toy.run_folder import evaluate_toy_sae  # noqa: E402
+from training.toy.sae_training import ToySAEConfig, train_toy_sae  # noqa: E402
 
 SECTION = "## Toy SAE training"
 

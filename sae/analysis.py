@@ -31,6 +31,7 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor
 
+from sae import layout
 from sae.architectures import SparseAutoencoder
 from sae.base_model import BaseModel, hook_name, load_base_model, logits_with_replacement, parse_hook_name, residual_at
 from sae.checkpoint import (
@@ -43,6 +44,7 @@ from sae.checkpoint import (
     read_json,
 )
 from sae.latent_stats import LatentStats
+from sae.layout import DOWNSTREAM_KEYS, RECONSTRUCTION_KEYS, TOY_MODEL_NAME
 from sae.metrics import (
     ReconstructionStats,
     ce_loss_score,
@@ -54,18 +56,12 @@ from sae.metrics import (
 
 MAX_CHARS = 5_000
 """Longest text (after cleaning) the app analyses."""
-TOY_MODEL_NAME = "toy-superposition"
-"""`metadata.model_name` of toy-model SAEs: never offered as language-model checkpoints."""
 MAX_SPLICE_BATCH = 8
 """Spliced forward passes run this many sequences per batch."""
 KNOWN_HUB_IDS = {"tinystories-33m": "roneneldan/TinyStories-33M"}
 """Folder-style model names whose Hugging Face Hub id is known."""
 MODEL_SOURCE_KEYS = ("model_path", "model_source", "model_name_or_path", "base_model", "hf_model_id", "model_id")
 """cfg.json metadata keys that may say where the base model lives (first found wins)."""
-
-
-DOWNSTREAM_KEYS = ("ce_loss_without_sae", "ce_loss_with_sae", "ce_loss_with_ablation", "ce_loss_score",
-                   "kl_div_with_sae")
 
 
 class AnalysisError(ValueError):
@@ -347,11 +343,11 @@ def _run_locked(
             x_hat = sae.decode(latents).float().cpu()
             latents = latents.float().cpu()
         stats = ReconstructionStats().update(x, x_hat, latents).compute()
-        keep = ("mse", "variance_explained", "cossim", "l2_ratio", "l0")
+        keep = (*RECONSTRUCTION_KEYS, layout.L0)
         metrics = {k: float(v) for k, v in stats.items() if k in keep}
         if len(ids_list) < 2:  # the variance about the mean of one vector is zero
-            metrics["variance_explained"] = float("nan")
-        metrics["n_tokens"] = float(len(ids_list))
+            metrics[layout.VARIANCE_EXPLAINED] = float("nan")
+        metrics[layout.N_TOKENS] = float(len(ids_list))
         per_sae.append((latents, x_hat, per_token_sq_error(x, x_hat), metrics, _ms(t0)))
 
     t0 = time.perf_counter()
@@ -706,17 +702,17 @@ class CheckpointCatalog:
             if not src.root.is_dir():
                 continue
             for info in list_checkpoints(src.root):
-                if info.model_name == TOY_MODEL_NAME or "toy" in info.path.relative_to(src.root).parts[:1]:
+                if info.model_name == TOY_MODEL_NAME or layout.TOY_DIR in info.path.relative_to(src.root).parts[:1]:
                     continue
                 key = info.model_name
                 if owner.setdefault(key, src) != src:
                     key = f"{info.model_name} [{src.label}]"
                 self.entries.append(Entry(info, src, key))
-            toy_root = src.root / "toy"
+            toy_root = src.root / layout.TOY_DIR
             if toy_root.is_dir():
                 for d in sorted(toy_root.iterdir()):
                     if d.is_dir() and not d.name.startswith(".") and any(
-                        (d / f).is_file() for f in ("toy_model.json", METRICS_FILE, "features.png")
+                        (d / f).is_file() for f in (layout.TOY_CONFIG_FILE, METRICS_FILE, layout.TOY_FEATURES_PLOT)
                     ):
                         self.toy_folders.append(d)
 
@@ -822,7 +818,7 @@ def fetch_hub_sources(repo_ids: Sequence[str], timeout: float = 20.0) -> tuple[l
 
 def _read_metadata(folder: Path) -> dict[str, Any]:
     try:
-        raw = read_json(folder / "cfg.json")
+        raw = read_json(folder / layout.CFG_FILE)
     except CheckpointError:
         return {}
     return dict(raw.get("metadata") or {}) if isinstance(raw, dict) else {}

@@ -172,6 +172,8 @@ def load_base_model(name_or_path: str, device: str | torch.device = "cpu", seed:
         model, tokenizer, name = _load_pretrained(name_or_path)
     if tokenizer.pad_token is None:  # GPT-2 style tokenizers have none; padding is masked anyway
         tokenizer.pad_token = tokenizer.eos_token
+    if torch.device(device).type == "cpu" and model.dtype in (torch.float16, torch.bfloat16):
+        model.float()  # weights may ship in half precision; CPU kernels and the SAEs want fp32
     model.to(device).eval()
     cfg = model.config
     probe = tokenizer("a").input_ids

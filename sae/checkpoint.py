@@ -23,14 +23,7 @@ from torch import Tensor
 
 from sae.architectures import SparseAutoencoder, build_sae
 from sae.config import SAEConfig
-
-CFG_FILE = "cfg.json"
-WEIGHTS_FILE = "sae_weights.safetensors"
-SPARSITY_FILE = "sparsity.safetensors"
-METRICS_FILE = "metrics.json"
-TRAINING_CONFIG_FILE = "training_config.json"
-STEPS_DIR = "steps"
-"""Intermediate checkpoints of an SAE live in `<sae folder>/steps/<step>/`, each a full SAE folder."""
+from sae.layout import CFG_FILE, METRICS_FILE, SPARSITY_FILE, STEPS_DIR, TRAINING_CONFIG_FILE, WEIGHTS_FILE
 
 
 class CheckpointError(ValueError):
@@ -71,10 +64,10 @@ def write_folder_atomically(
     folder = Path(folder)
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.tmp-", dir=folder.parent))
-    tmp.chmod(0o755)  # mkdtemp makes it owner-only; a checkpoint folder should be readable like any other
     moved: list[str] = []
     try:
         write(tmp)
+        _usual_permissions(tmp)
         for name in keep:
             if (folder / name).exists() and not (tmp / name).exists():
                 os.replace(folder / name, tmp / name)
@@ -93,6 +86,28 @@ def write_folder_atomically(
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return folder
+
+
+def _usual_permissions(root: Path) -> None:
+    """mkdtemp (and some writers, e.g. via mkstemp) create owner-only entries: give them the umask's permissions."""
+    umask = os.umask(0)
+    os.umask(umask)
+    root.chmod(0o777 & ~umask)
+    for path in root.rglob("*"):
+        path.chmod((0o777 if path.is_dir() else 0o666) & ~umask)
+
+
+def replace_file_atomically(folder: Path, name: str, write: Callable[[Path], None]) -> Path:
+    """Write `folder/name` through a temporary file in the same folder and one rename (atomic)."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{name}.", dir=folder)
+    os.close(fd)
+    try:
+        write(Path(tmp))
+        os.replace(tmp, folder / name)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return folder / name
 
 
 def _write_json(path: Path, obj: Any) -> None:

@@ -6,8 +6,6 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
-ARCHITECTURES = ("standard", "gated", "jumprelu", "topk")
-
 # Keys SAELens v6 writes at the top level of cfg.json; everything of ours goes under "metadata".
 _SAELENS_KEYS = ("d_in", "d_sae", "dtype", "device", "apply_b_dec_to_input", "normalize_activations",
                  "reshape_activations")
@@ -16,7 +14,7 @@ _SAELENS_KEYS = ("d_in", "d_sae", "dtype", "device", "apply_b_dec_to_input", "no
 @dataclass
 class SAEConfig:
     architecture: str
-    """One of standard, gated, jumprelu, topk."""
+    """A key of `sae.architectures.REGISTRY` (standard, gated, jumprelu, topk)."""
     d_in: int
     """Width of the activations the SAE reads."""
     d_sae: int
@@ -56,8 +54,10 @@ class SAEConfig:
     """Provenance: model_name, hook_name, hf_hidden_states_index, prepend_bos, context_size, dataset_path, ..."""
 
     def __post_init__(self) -> None:
-        if self.architecture not in ARCHITECTURES:
-            raise ValueError(f"unknown architecture {self.architecture!r}; expected one of {ARCHITECTURES}")
+        from sae.architectures import REGISTRY  # the one list of architectures (it imports this module)
+
+        if self.architecture not in REGISTRY:
+            raise ValueError(f"unknown architecture {self.architecture!r}; expected one of {tuple(REGISTRY)}")
         if self.d_in <= 0 or self.d_sae <= 0:
             raise ValueError(f"d_in and d_sae must be positive, got d_in={self.d_in}, d_sae={self.d_sae}")
         if self.architecture == "topk":

@@ -15,7 +15,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
-LATENT_STATS_FILE = "latent_stats.safetensors"
+from sae.layout import LATENT_STATS_FILE
 
 
 @dataclass

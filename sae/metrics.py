@@ -2,7 +2,13 @@
 
 Reconstruction metrics accumulate over an eval set in `ReconstructionStats` (token dimension 0,
 features last; any instance dims in between are kept), and the one-batch functions below are that
-accumulator applied to a single batch, so a number means the same thing everywhere.
+accumulator applied to a single batch, so a number means the same thing everywhere. Metric keys are
+named in `sae.layout`.
+
+Version 2: `cossim` and `l2_ratio` are means over the inputs with non-zero norm only (cosine and norm
+ratio are undefined at x = 0, and 88% of toy inputs are exactly zero); `n_zero_norm_inputs` counts the
+inputs left out. Version 1 averaged over every input, counting a zero input as cosine 0 and norm ratio
+||x_hat|| / 1e-12.
 """
 
 from __future__ import annotations
@@ -12,11 +18,14 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
+from sae import layout
+
 DENSE_THRESHOLD = 0.1
 """A latent firing on more than this fraction of tokens counts as dense."""
 RECOVERY_THRESHOLD = 0.99
 """A toy feature counts as recovered when some decoder row has cosine above this with it."""
-METRICS_VERSION = 1
+METRICS_VERSION = 2
+"""2: cossim and l2_ratio over the inputs with non-zero norm (see the module docstring)."""
 
 
 @dataclass
@@ -29,6 +38,8 @@ class ReconstructionStats:
     sum_sq_x: Tensor | float = 0.0
     sum_cos: Tensor | float = 0.0
     sum_norm_ratio: Tensor | float = 0.0
+    n_nonzero: Tensor | float = 0.0
+    """Inputs with non-zero norm (those cossim and l2_ratio average over)."""
     sum_l0: Tensor | float = 0.0
     fire_counts: Tensor | None = field(default=None)
     d_in: int = 0
@@ -42,9 +53,12 @@ class ReconstructionStats:
         self.sum_x = self.sum_x + x.sum(0)
         self.sum_sq_x = self.sum_sq_x + x.pow(2).sum((0, -1))
         x_norm, x_hat_norm = x.norm(dim=-1), x_hat.norm(dim=-1)
+        nonzero = x_norm > 0
         cos = (x * x_hat).sum(-1) / (x_norm * x_hat_norm).clamp_min(1e-12)
-        self.sum_cos = self.sum_cos + cos.sum(0)
-        self.sum_norm_ratio = self.sum_norm_ratio + (x_hat_norm / x_norm.clamp_min(1e-12)).sum(0)
+        self.sum_cos = self.sum_cos + torch.where(nonzero, cos, 0.0).sum(0)
+        ratio = x_hat_norm / x_norm.clamp_min(1e-12)
+        self.sum_norm_ratio = self.sum_norm_ratio + torch.where(nonzero, ratio, 0.0).sum(0)
+        self.n_nonzero = self.n_nonzero + nonzero.sum(0).double()
         if latents is not None:
             fired = latents > 0
             self.sum_l0 = self.sum_l0 + fired.sum(-1).double().sum(0)
@@ -57,22 +71,26 @@ class ReconstructionStats:
         n = max(self.n_tokens, 1)
         # sum ||x - mean||^2 = sum ||x||^2 - n ||mean||^2: variance about the mean, not about zero.
         total_var = self.sum_sq_x - (torch.as_tensor(self.sum_x) ** 2).sum(-1) / n
+        n_nonzero = torch.as_tensor(self.n_nonzero, dtype=torch.float64)
+        per_nonzero = torch.where(n_nonzero > 0, n_nonzero, float("nan"))  # no non-zero input: undefined
         out = {
-            "mse": torch.as_tensor(self.sum_sq_err) / (n * max(self.d_in, 1)),
-            "variance_explained": 1 - torch.as_tensor(self.sum_sq_err) / torch.as_tensor(total_var).clamp_min(1e-12),
-            "cossim": torch.as_tensor(self.sum_cos) / n,
-            "l2_ratio": torch.as_tensor(self.sum_norm_ratio) / n,
+            layout.MSE: torch.as_tensor(self.sum_sq_err) / (n * max(self.d_in, 1)),
+            layout.VARIANCE_EXPLAINED: 1 - torch.as_tensor(self.sum_sq_err) / torch.as_tensor(total_var).clamp_min(
+                1e-12),
+            layout.COSSIM: torch.as_tensor(self.sum_cos) / per_nonzero,
+            layout.L2_RATIO: torch.as_tensor(self.sum_norm_ratio) / per_nonzero,
+            layout.N_ZERO_NORM_INPUTS: (self.n_tokens - n_nonzero).long(),
         }
         if self.fire_counts is not None:
-            out["l0"] = torch.as_tensor(self.sum_l0) / n
-            out["frac_dead"] = frac_dead(self.fire_counts)
-            out["frac_dense"] = frac_dense(self.fire_counts, self.n_tokens)
+            out[layout.L0] = torch.as_tensor(self.sum_l0) / n
+            out[layout.FRAC_DEAD] = frac_dead(self.fire_counts)
+            out[layout.FRAC_DENSE] = frac_dense(self.fire_counts, self.n_tokens)
         return out
 
     def summary(self) -> dict[str, float | list[float] | int]:
         """`compute()` as JSON-ready numbers (lists over instances), with the eval-set size."""
         out: dict[str, float | list[float] | int] = {k: v.tolist() for k, v in self.compute().items()}
-        out["n_tokens"] = self.n_tokens
+        out[layout.N_TOKENS] = self.n_tokens
         return out
 
 
@@ -88,22 +106,22 @@ def frac_dense(fire_counts: Tensor, n_tokens: int) -> Tensor:
 
 def mse(x: Tensor, x_hat: Tensor) -> Tensor:
     """Mean over tokens and d_in of (x_hat - x)^2."""
-    return ReconstructionStats().update(x, x_hat).compute()["mse"]
+    return ReconstructionStats().update(x, x_hat).compute()[layout.MSE]
 
 
 def variance_explained(x: Tensor, x_hat: Tensor) -> Tensor:
     """1 - sum ||x - x_hat||^2 / sum ||x - mean(x)||^2 over the tokens."""
-    return ReconstructionStats().update(x, x_hat).compute()["variance_explained"]
+    return ReconstructionStats().update(x, x_hat).compute()[layout.VARIANCE_EXPLAINED]
 
 
 def cossim(x: Tensor, x_hat: Tensor) -> Tensor:
-    """Mean cosine similarity of x and x_hat."""
-    return ReconstructionStats().update(x, x_hat).compute()["cossim"]
+    """Mean cosine similarity of x and x_hat over the inputs with non-zero norm."""
+    return ReconstructionStats().update(x, x_hat).compute()[layout.COSSIM]
 
 
 def l2_ratio(x: Tensor, x_hat: Tensor) -> Tensor:
-    """Mean ||x_hat|| / ||x|| (below 1 means shrinkage)."""
-    return ReconstructionStats().update(x, x_hat).compute()["l2_ratio"]
+    """Mean ||x_hat|| / ||x|| over the inputs with non-zero norm (below 1 means shrinkage)."""
+    return ReconstructionStats().update(x, x_hat).compute()[layout.L2_RATIO]
 
 
 def l0(latents: Tensor) -> Tensor:

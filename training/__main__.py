@@ -7,9 +7,10 @@ import sys
 
 # command -> (module exposing `main(argv)`, one-line summary)
 COMMANDS: dict[str, tuple[str, str]] = {
-    "toy": ("training.toy_cli", "train SAEs on toy models of superposition (all instances at once)"),
+    "toy": ("training.toy.cli", "train SAEs on toy models of superposition (all instances at once)"),
     "tinystories": ("training.tinystories_cli", "train SAEs of several widths on a language model's residual stream"),
-    "base-lm": ("training.base_lm", "train the small offline TinyStories GPT-Neo and its tokenizer"),
+    "base-lm": ("training.base_lm.cli", "train the small offline TinyStories GPT-Neo and its tokenizer"),
+    "lm-eval": ("training.lm_eval", "perplexity of a language model on held-out stories (per token, byte, word)"),
     "push": ("training.hub", "upload a checkpoints tree to the Hugging Face Hub (or --dry-run)"),
     "latents": ("training.latent_report", "print a Markdown table of latents' top-activating contexts"),
 }

@@ -21,10 +21,12 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from sae import layout
 from sae.architectures import SparseAutoencoder
 from sae.base_model import BaseModel, logits_with_replacement, next_token_mask, residual_at
-from sae.checkpoint import METRICS_FILE, load_sae
-from sae.latent_stats import LATENT_STATS_FILE, LatentStats, empty_histogram_edges
+from sae.checkpoint import load_sae, replace_file_atomically
+from sae.latent_stats import LatentStats, empty_histogram_edges
+from sae.layout import LATENT_STATS_FILE, METRICS_FILE
 from sae.metrics import METRICS_VERSION, ReconstructionStats, ce_loss_score, kl_div, next_token_ce
 from training.activations import TokenBatch, tokenize_stories
 
@@ -155,13 +157,14 @@ def evaluate_saes(
     x_all = torch.cat(xs)
     results, stats = [], []
     for acc in accs:
-        metrics: dict[str, Any] = {"metrics_version": METRICS_VERSION, **acc.recon.summary()}
+        metrics: dict[str, Any] = {layout.METRICS_VERSION_KEY: METRICS_VERSION, **acc.recon.summary()}
         if cfg.downstream:
             n = max(n_ce, 1)
             clean_ce, sae_ce, abl_ce = ce_clean / n, acc.ce_sae / n, ce_ablation / n
-            metrics.update(ce_loss_without_sae=clean_ce, ce_loss_with_sae=sae_ce, ce_loss_with_ablation=abl_ce,
-                           ce_loss_score=ce_loss_score(clean_ce, sae_ce, abl_ce), kl_div_with_sae=acc.kl / n,
-                           n_ce_tokens=n_ce)
+            metrics.update({layout.CE_LOSS_WITHOUT_SAE: clean_ce, layout.CE_LOSS_WITH_SAE: sae_ce,
+                            layout.CE_LOSS_WITH_ABLATION: abl_ce,
+                            layout.CE_LOSS_SCORE: ce_loss_score(clean_ce, sae_ce, abl_ce),
+                            layout.KL_DIV_WITH_SAE: acc.kl / n, "n_ce_tokens": n_ce})
         metrics["eval_set"] = es.info
         results.append(metrics)
         stats.append(_latent_stats(acc, x_all, es, cfg))
@@ -221,29 +224,16 @@ def _latent_stats(acc: _SAEAccumulator, x_all: Tensor, es: EvalSet, cfg: EvalCon
     )
 
 
-def _replace_file(folder: Path, name: str, write) -> Path:
-    """Write `folder/name` through a temporary file in the same folder and one rename (atomic)."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{name}.", dir=folder)
-    os.close(fd)
-    try:
-        write(Path(tmp))
-        os.replace(tmp, folder / name)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return folder / name
-
-
 def save_results(folder: str | Path, metrics: dict[str, Any], stats: LatentStats | None) -> None:
     """metrics.json and latent_stats.safetensors into an existing SAE folder, each file atomically."""
     folder = Path(folder)
-    _replace_file(folder, METRICS_FILE, lambda p: p.write_text(json.dumps(metrics, indent=2) + "\n"))
+    replace_file_atomically(folder, METRICS_FILE, lambda p: p.write_text(json.dumps(metrics, indent=2) + "\n"))
     if stats is not None:
         def write_stats(p: Path) -> None:
             with tempfile.TemporaryDirectory(dir=folder, prefix=".stats-") as tmp:
                 os.replace(stats.save(tmp), p)
 
-        _replace_file(folder, LATENT_STATS_FILE, write_stats)
+        replace_file_atomically(folder, LATENT_STATS_FILE, write_stats)
 
 
 def evaluate_folders(

@@ -18,10 +18,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple
 
+from sae import layout
 from sae.checkpoint import METRICS_FILE, TRAINING_CONFIG_FILE, CheckpointInfo, list_checkpoints
 from sae.hub import hub_endpoint, hub_reachable
 
-EXCLUDED_NAMES = {"trainer_state.json", "trainer_state.safetensors", "__pycache__"}
+EXCLUDED_NAMES = {layout.TRAINER_STATE_JSON, layout.TRAINER_STATE_TENSORS, "__pycache__"}
 """Files and folders never uploaded (resumable optimizer state is large and only useful locally)."""
 KNOWN_HUB_MODELS = {"tinystories-33m": "roneneldan/TinyStories-33M"}
 DATASET_ID = "roneneldan/TinyStories"
@@ -96,8 +97,9 @@ def model_card(root: Path, repo_id: str) -> tuple[str, list[CheckpointInfo]]:
         raise PushError(f"{root} holds no SAE checkpoint (no folder with cfg.json and sae_weights.safetensors)")
     rows = []
     for info in finals:
-        rows.append(_Row(info, _read(info.path / "cfg.json").get("metadata") or {}, _read(info.path / METRICS_FILE),
-                         _read(info.path / TRAINING_CONFIG_FILE), info.path.relative_to(root).as_posix()))
+        meta = _read(info.path / layout.CFG_FILE).get("metadata") or {}
+        rows.append(_Row(info, meta, _read(info.path / METRICS_FILE), _read(info.path / TRAINING_CONFIG_FILE),
+                         info.path.relative_to(root).as_posix()))
     hub_models = sorted({m for r in rows if (m := _hub_model_id(r.meta))})
     model_names = sorted({r.info.model_name for r in rows})
     hooks = sorted({r.info.hook_name for r in rows})
@@ -132,13 +134,13 @@ def model_card(root: Path, repo_id: str) -> tuple[str, list[CheckpointInfo]]:
     for r in rows:
         m, t = r.metrics, r.training
         lines.append("| " + " | ".join([
-            r.info.model_name, f"`{r.info.hook_name}`", r.info.run, str(r.info.d_sae), _fmt(m.get("l0")),
-            _fmt(m.get("variance_explained")), _fmt(m.get("mse")), _fmt(m.get("cossim")),
-            _fmt(m.get("ce_loss_without_sae")), _fmt(m.get("ce_loss_with_sae")), _fmt(m.get("ce_loss_score")),
-            _fmt(m.get("kl_div_with_sae")), _fmt(m.get("frac_dead")), _fmt(m.get("frac_dense")),
-            _fmt(t.get("steps")), _fmt(t.get("tokens_seen")), _fmt(m.get("n_tokens")), f"`{r.rel}`",
+            r.info.model_name, f"`{r.info.hook_name}`", r.info.run, str(r.info.d_sae), _fmt(m.get(layout.L0)),
+            _fmt(m.get(layout.VARIANCE_EXPLAINED)), _fmt(m.get(layout.MSE)), _fmt(m.get(layout.COSSIM)),
+            *[_fmt(m.get(key)) for key in (layout.CE_LOSS_WITHOUT_SAE, layout.CE_LOSS_WITH_SAE, layout.CE_LOSS_SCORE,
+                                           layout.KL_DIV_WITH_SAE, layout.FRAC_DEAD, layout.FRAC_DENSE)],
+            _fmt(t.get("steps")), _fmt(t.get("tokens_seen")), _fmt(m.get(layout.N_TOKENS)), f"`{r.rel}`",
         ]) + " |")
-    plots = sorted({p for r in rows if (p := r.info.path.parent / "loss_curves.png").is_file()})
+    plots = sorted({p for r in rows if (p := r.info.path.parent / layout.LOSS_CURVES_PLOT).is_file()})
     if plots:
         lines += ["", "## Loss curves", "",
                   "Reconstruction loss per element (in the training's normalised units), L0 and dead fraction "

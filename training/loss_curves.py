@@ -13,10 +13,10 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from sae.layout import LOSS_CURVES_FILE as CURVES_FILE
+from sae.layout import LOSS_CURVES_PLOT as CURVES_PLOT
 from training.trainer_config import SAESpec
 
-CURVES_FILE = "loss_curves.csv"
-CURVES_PLOT = "loss_curves.png"
 CURVE_COLUMNS = ("step", "tokens", "lr", "sparsity_coeff", "loss", "mse", "variance_explained", "sparsity_loss",
                  "aux_loss", "l0", "frac_dead")
 

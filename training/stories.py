@@ -11,7 +11,9 @@ from pathlib import Path
 from typing import NamedTuple
 
 STORY_SEPARATOR = "<|endoftext|>"
-DEFAULT_SAMPLE = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "tinystories" / "train_sample.txt"
+SHARED_STORIES = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "tinystories"
+DEFAULT_SAMPLE = SHARED_STORIES / "train_sample.txt"
+VALIDATION_SAMPLE = SHARED_STORIES / "validation_sample.txt"
 
 
 class StorySplit(NamedTuple):
@@ -22,6 +24,20 @@ class StorySplit(NamedTuple):
 def default_stories_path() -> Path:
     """The stories file used by the shipped checkpoints: $TINYSTORIES_FILE or ../shared/data/."""
     return Path(os.environ.get("TINYSTORIES_FILE", DEFAULT_SAMPLE)).resolve()
+
+
+def default_base_lm_sources() -> list[Path]:
+    """The base LM trains on every local story: $TINYSTORIES_FILE alone, else both shared samples."""
+    if "TINYSTORIES_FILE" in os.environ:
+        return [default_stories_path()]
+    return [p.resolve() for p in (DEFAULT_SAMPLE, VALIDATION_SAMPLE) if p.is_file()] or [default_stories_path()]
+
+
+def normalize_story(text: str) -> str:
+    """One newline between paragraphs: the validation sample separates them by blank lines, the train
+    sample by single newlines, and a tokenizer would otherwise see two formats."""
+    lines = [line.rstrip() for line in text.strip().splitlines()]
+    return "\n".join(line for line in lines if line)
 
 
 def read_stories_file(path: str | Path) -> list[str]:
@@ -40,11 +56,11 @@ def read_stories_file(path: str | Path) -> list[str]:
     current: list[str] = []
     for line in text.splitlines():
         if line.strip() == STORY_SEPARATOR:
-            stories.append("\n".join(current).strip())
+            stories.append(normalize_story("\n".join(current)))
             current = []
         else:
             current.append(line)
-    stories.append("\n".join(current).strip())
+    stories.append(normalize_story("\n".join(current)))
     stories = [s for s in stories if s]
     if not stories:
         raise ValueError(f"stories file {path} holds no stories")

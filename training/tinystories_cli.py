@@ -26,6 +26,7 @@ from sae.base_model import BaseModel, BaseModelLoadError, hf_hidden_states_index
 from sae.checkpoint import sae_folder
 from sae.dataclass_cli import parse_dataclass
 from sae.hub import hub_reachable
+from sae.layout import CE_LOSS_SCORE, WEIGHTS_FILE
 from training.activations import ActivationBuffer, TokenBatch, harvest_activations, tokenize_stories
 from training.evaluate import EvalConfig, eval_set, evaluate_folders
 from training.stories import default_stories_path, load_stories, split_stories
@@ -234,7 +235,7 @@ def run(cfg: TinyStoriesConfig) -> RunResult:
         elapsed = time.perf_counter() - t0
         tokens_per_s = steps_done * cfg.batch_size / max(elapsed, 1e-9)
         print(f"trained {len(specs)} SAEs: {tokens_per_s:,.0f} tokens/s (each token through every SAE)")
-    missing = [f for f in folders if not (f / "sae_weights.safetensors").is_file()]
+    missing = [f for f in folders if not (f / WEIGHTS_FILE).is_file()]
     if missing:
         raise TinyStoriesError(f"no final checkpoint in {missing[0]}: train first (drop --eval-only)")
     metrics: list[dict[str, Any]] = []
@@ -242,7 +243,7 @@ def run(cfg: TinyStoriesConfig) -> RunResult:
         es = eval_set(bm, split.val, context, cfg, info={"dataset_path": dataset_path})
         metrics = evaluate_folders(bm, cfg.layer, folders, es, cfg, progress=cfg.progress)
         for folder, m in zip(folders, metrics):
-            ce = f" CE score {m['ce_loss_score']:.3f}" if "ce_loss_score" in m else ""
+            ce = f" CE score {m[CE_LOSS_SCORE]:.3f}" if CE_LOSS_SCORE in m else ""
             print(f"{folder.relative_to(cfg.out)}: L0 {m['l0']:.1f}, variance explained {m['variance_explained']:.3f}, "
                   f"dead {m['frac_dead']:.2f}{ce}")
     return RunResult(folders, metrics, tokens_per_s)

@@ -20,12 +20,12 @@ import torch
 from torch import Tensor
 
 from sae.architectures import SparseAutoencoder, build_sae
-from sae.checkpoint import STEPS_DIR
+from sae.layout import STEPS_DIR
+from sae.layout import TRAINER_STATE_JSON as STATE_JSON
+from sae.layout import TRAINER_STATE_TENSORS as STATE_TENSORS
 from training.optim import make_adam
 from training.trainer_config import SAESpec, TrainerConfig, init_norm_for
 
-STATE_JSON = "trainer_state.json"
-STATE_TENSORS = "trainer_state.safetensors"
 STATE_FORMAT = 1
 
 RESUME_FREE_SETTINGS = frozenset({"steps", "checkpoint_every", "keep_optimizer_state", "log_every", "progress",

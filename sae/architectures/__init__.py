@@ -15,6 +15,9 @@ REGISTRY: dict[str, type[SparseAutoencoder]] = {
     "jumprelu": JumpReLUSAE,
     "topk": TopKSAE,
 }
+"""The one list of architectures: every other list (configs, CLIs, defaults) is checked against it by
+tests/sae/test_registry.py."""
+ARCHITECTURES = tuple(REGISTRY)
 
 
 def build_sae(cfg: SAEConfig, seed: int | None = None) -> SparseAutoencoder:
@@ -23,6 +26,7 @@ def build_sae(cfg: SAEConfig, seed: int | None = None) -> SparseAutoencoder:
 
 
 __all__ = [
+    "ARCHITECTURES",
     "REGISTRY",
     "GatedSAE",
     "JumpReLUSAE",

@@ -8,10 +8,10 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from sae.architectures import build_sae
+from sae.architectures import ARCHITECTURES, build_sae
 from sae.architectures.base import matmul_inst
 from sae.checkpoint import CFG_FILE, WEIGHTS_FILE, CheckpointError, load_sae, save_sae
-from sae.config import ARCHITECTURES, SAEConfig
+from sae.config import SAEConfig
 
 SHARED = Path(__file__).resolve().parents[2].parent / "shared" / "examples" / "saelens-format"
 INSTS = [None, 3]

@@ -97,3 +97,23 @@ def test_feature_recovery():
 def test_per_token_sq_error():
     x, x_hat, _ = _data()
     assert torch.allclose(metrics.per_token_sq_error(x, x_hat), ((x - x_hat) ** 2).sum(-1))
+
+
+def test_cosine_and_norm_ratio_leave_out_zero_inputs():
+    """Version 2: cossim and l2_ratio average over the inputs with non-zero norm; the rest are counted."""
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(10, 2, 4, generator=g)
+    x[[0, 3, 4]] = 0.0  # zero inputs in both instances
+    x[7, 1] = 0.0  # and one more in instance 1
+    x_hat = x + 0.1 * torch.randn(10, 2, 4, generator=g)  # nonzero reconstructions of the zero inputs
+    got = metrics.ReconstructionStats().update(x[:5], x_hat[:5]).update(x[5:], x_hat[5:]).compute()
+    for i, zeros in ((0, [0, 3, 4]), (1, [0, 3, 4, 7])):
+        keep = [b for b in range(10) if b not in zeros]
+        xi, hi = x[keep, i].double(), x_hat[keep, i].double()
+        assert torch.isclose(got["cossim"][i], torch.nn.functional.cosine_similarity(xi, hi, dim=-1).mean())
+        assert torch.isclose(got["l2_ratio"][i], (hi.norm(dim=-1) / xi.norm(dim=-1)).mean())
+        assert int(got["n_zero_norm_inputs"][i]) == len(zeros)
+    all_zero = metrics.ReconstructionStats().update(torch.zeros(3, 4), torch.ones(3, 4)).compute()
+    assert torch.isnan(all_zero["cossim"]) and torch.isnan(all_zero["l2_ratio"])
+    assert int(all_zero["n_zero_norm_inputs"]) == 3
+    assert metrics.METRICS_VERSION == 2

@@ -12,7 +12,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from training import base_lm
+from training.base_lm.checkpoints import list_checkpoints
+from training.base_lm.cli import main as base_lm_main
+from training.base_lm.config import BaseLMConfig
+from training.base_lm.model import build_model, fast_attention, lr_at
 
 NAMES = ["Lily", "Tom", "Ben", "Mia", "Sue", "Max"]
 THINGS = ["ball", "cat", "tree", "boat", "cake", "dog", "kite", "hat"]
@@ -50,7 +53,7 @@ def stories_file(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def trained(stories_file, tmp_path_factory) -> Path:
     tmp = tmp_path_factory.mktemp("full")
-    base_lm.main(tiny_args(stories_file, tmp, "a"))
+    base_lm_main(tiny_args(stories_file, tmp, "a"))
     return tmp / "a"
 
 
@@ -109,7 +112,7 @@ def test_tokenizer_is_byte_level(trained):
 
 def test_checkpoints_are_complete_and_atomic(trained):
     run = trained / "run"
-    ckpts = base_lm.list_checkpoints(run)
+    ckpts = list_checkpoints(run)
     assert [p.name for p in ckpts] == ["step-000020", "step-000024"]  # keep_checkpoints=2
     assert not any(p.name.startswith(".") for p in run.iterdir())
     last = ckpts[-1]
@@ -129,10 +132,10 @@ def test_checkpoints_are_complete_and_atomic(trained):
 
 def test_resume_reproduces_uninterrupted_run(trained, stories_file, tmp_path):
     args = tiny_args(stories_file, tmp_path, "b")
-    base_lm.main([*args, "--stop-after", "13"])
+    base_lm_main([*args, "--stop-after", "13"])
     assert not (tmp_path / "b" / "out").exists()
-    assert [p.name for p in base_lm.list_checkpoints(tmp_path / "b" / "run")][-1] == "step-000013"
-    base_lm.main([*args, "--resume"])
+    assert [p.name for p in list_checkpoints(tmp_path / "b" / "run")][-1] == "step-000013"
+    base_lm_main([*args, "--resume"])
 
     full = load_file(str(trained / "out" / "model.safetensors"))
     resumed = load_file(str(tmp_path / "b" / "out" / "model.safetensors"))
@@ -145,31 +148,31 @@ def test_resume_reproduces_uninterrupted_run(trained, stories_file, tmp_path):
 
 def test_resume_with_changed_config_is_refused(stories_file, tmp_path):
     args = tiny_args(stories_file, tmp_path, "c", steps=6)
-    base_lm.main([*args, "--stop-after", "3"])
+    base_lm_main([*args, "--stop-after", "3"])
     with pytest.raises(SystemExit, match="config differs"):
-        base_lm.main([*args, "--resume", "--lr", "1e-3"])
+        base_lm_main([*args, "--resume", "--lr", "1e-3"])
 
 
 def test_missing_data_file_is_a_clear_error(tmp_path):
     missing = tmp_path / "no-such-stories.txt"
     with pytest.raises(SystemExit, match="does not exist") as err:
-        base_lm.main(tiny_args(missing, tmp_path, "d"))
+        base_lm_main(tiny_args(missing, tmp_path, "d"))
     assert str(missing) in str(err.value)
     assert not (tmp_path / "d" / "out").exists()
 
 
 def test_fast_attention_matches_transformers_attention():
-    cfg = base_lm.BaseLMConfig(
+    cfg = BaseLMConfig(
         d_model=32, num_layers=4, num_heads=4, window_size=8, max_position_embeddings=64, context=64
     )
-    model = base_lm.build_model(cfg, 300, 0).eval()
+    model = build_model(cfg, 300, 0).eval()
     ids = torch.randint(0, 300, (2, 40))
     mask = torch.ones_like(ids)
     mask[1, :5] = 0  # left padding exercises the attention_mask path
     with torch.no_grad():
         ref = model(ids).logits
         ref_masked = model(ids, attention_mask=mask).logits
-        with base_lm.fast_attention():
+        with fast_attention():
             fast = model(ids).logits
             fast_masked = model(ids, attention_mask=mask).logits
     torch.testing.assert_close(fast, ref, rtol=1e-4, atol=1e-4)
@@ -177,17 +180,43 @@ def test_fast_attention_matches_transformers_attention():
 
 
 def test_lr_schedule():
-    cfg = base_lm.BaseLMConfig(lr=1e-3, min_lr=1e-4, warmup_steps=10, max_steps=100)
-    assert base_lm.lr_at(0, cfg) == pytest.approx(1e-4)
-    assert base_lm.lr_at(9, cfg) == pytest.approx(1e-3)
-    assert base_lm.lr_at(100, cfg) == pytest.approx(1e-4)
-    lrs = [base_lm.lr_at(s, cfg) for s in range(10, 101)]
+    cfg = BaseLMConfig(lr=1e-3, min_lr=1e-4, warmup_steps=10, max_steps=100)
+    assert lr_at(0, cfg) == pytest.approx(1e-4)
+    assert lr_at(9, cfg) == pytest.approx(1e-3)
+    assert lr_at(100, cfg) == pytest.approx(1e-4)
+    lrs = [lr_at(s, cfg) for s in range(10, 101)]
     assert all(a >= b for a, b in itertools.pairwise(lrs))
 
 
 def test_help(capsys):
     with pytest.raises(SystemExit) as err:
-        base_lm.main(["--help"])
+        base_lm_main(["--help"])
     assert err.value.code == 0
     out = capsys.readouterr().out
     assert "--resume" in out and "--vocab-size" in out and "--d-model" in out
+
+
+def test_two_sources_are_held_out_separately_and_exported_in_fp16(stories_file, tmp_path):
+    from safetensors import safe_open
+
+    from sae.base_model import load_base_model
+    from training.lm_eval import held_out_perplexity
+    from training.stories import load_stories, split_stories
+
+    second = write_stories(tmp_path / "second.txt", n=20)
+    args = tiny_args(stories_file, tmp_path, "two", steps=6)
+    args[args.index("--data") + 1 : args.index("--data") + 2] = [str(stories_file), str(second)]
+    base_lm_main(args)
+    out = tmp_path / "two" / "out"
+    summary = json.loads((out / "training_summary.json").read_text())
+    assert summary["train_stories"] == 36 + 18 and summary["val_stories"] == 4 + 2
+    assert len(summary["data"]) == 2 and len(summary["held_out"]) == 2
+    with safe_open(str(out / "model.safetensors"), "pt") as f:
+        assert {f.get_tensor(k).dtype for k in f.keys()} == {torch.float16}
+    base = load_base_model(str(out))
+    assert base.model.dtype == torch.float32  # upcast for the CPU
+    val = split_stories(load_stories(second), 10).val
+    recomputed = held_out_perplexity(base.model, base.tokenizer, val)
+    reported = summary["held_out"][next(k for k in summary["held_out"] if k.endswith("second.txt"))]
+    assert reported["stories"] == 2 and reported["tokens"] == recomputed.tokens
+    assert reported["mean_loss"] == pytest.approx(recomputed.mean_loss, abs=2e-3)  # fp32 export vs fp16 reload

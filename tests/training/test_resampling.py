@@ -8,7 +8,8 @@ from sae.config import SAEConfig
 from training.activations import ActivationBuffer
 from training.optim import constrained_step, make_adam
 from training.resampling import ADAM_POLICIES, resample_dead_latents, reset_adam_state
-from training.toy import ToyModel, ToyModelConfig, ToySAEConfig, train_toy_sae
+from training.toy.model import ToyModel, ToyModelConfig
+from training.toy.sae_training import ToySAEConfig, train_toy_sae
 from training.trainer import MultiSAETrainer
 from training.trainer_config import TrainerConfig, activation_scale, build_specs
 

@@ -26,3 +26,10 @@ def test_missing_and_empty_files_are_clear_errors(tmp_path):
     binary.write_bytes(b"\xff\xfe\x00bad")
     with pytest.raises(ValueError, match="cannot read"):
         read_stories_file(binary)
+
+
+def test_blank_line_paragraphs_are_normalised(tmp_path):
+    """The validation sample separates paragraphs by blank lines, the train sample by one newline."""
+    path = tmp_path / "v.txt"
+    path.write_text("First para.\n\nSecond para.  \n\n\nThird.\n<|endoftext|>\nOne line.\n")
+    assert read_stories_file(path) == ["First para.\nSecond para.\nThird.", "One line."]

@@ -19,23 +19,13 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from sae.config import ARCHITECTURES
+from sae.architectures import ARCHITECTURES
 from sae.dataclass_cli import add_dataclass_arguments
+from sae.layout import METRICS_FILE, TOY_MODEL_FILE, TOY_SUMMARY_FILE, TOY_SUMMARY_PLOT
 from sae.metrics import RECOVERY_THRESHOLD
-from training.toy import (
-    RESAMPLE_METHODS,
-    RUN_METRICS_FILE,
-    TOY_MODEL_FILE,
-    ToyModel,
-    ToyModelConfig,
-    ToySAEConfig,
-    evaluate_toy_sae,
-    load_toy_model,
-    run_name,
-    save_run,
-    train_toy_model,
-    train_toy_sae,
-)
+from training.toy.model import ToyModel, ToyModelConfig, load_toy_model, train_toy_model
+from training.toy.run_folder import evaluate_toy_sae, reevaluate_run, run_name, save_run
+from training.toy.sae_training import RESAMPLE_METHODS, ToySAEConfig, train_toy_sae
 
 _TOY_FIELDS = [f for f in ToyModelConfig.__dataclass_fields__]
 _SAE_FIELDS = [f for f in ToySAEConfig.__dataclass_fields__ if f not in ("architecture", "resample")]
@@ -67,13 +57,16 @@ def build_parser() -> argparse.ArgumentParser:
                         help="torch CPU threads (1 is fastest for these tiny tensors)")
     parser.add_argument("--device", default="cpu", help="torch device")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    parser.add_argument("--reevaluate", action="store_true",
+                        help=f"train nothing: recompute {METRICS_FILE} of every run folder under --out with the "
+                             "current metric definitions (after a metrics-version change); rewrite the table")
     return parser
 
 
 def summary_rows(out: Path) -> list[dict]:
     """The summary of every run folder under `out` (read from its metrics.json), architecture order first."""
     rows = []
-    for path in sorted(out.glob(f"*/{RUN_METRICS_FILE}")):
+    for path in sorted(out.glob(f"*/{METRICS_FILE}")):
         metrics = json.loads(path.read_text())
         rows.append({"run": path.parent.name, "architecture": metrics["architecture"],
                      "resample": metrics["resample"], **metrics["summary"]})
@@ -104,17 +97,31 @@ def write_summary(out: Path) -> list[dict]:
     for r in rows:
         lines.append(f"| {r['architecture']} | {r['resample']} | {r['n_all_recovered']} / {r['n_inst']} | "
                      f"{r['features_recovered']} / {r['features_total']} | {100 * r['mean_frac_dead']:.1f}% |")
-    lines += ["", "![recovery per architecture and resampling](recovery.png)", ""]
-    (out / "README.md").write_text("\n".join(lines))
-    from training.toy_plots import plot_recovery_summary
+    lines += ["", f"![recovery per architecture and resampling]({TOY_SUMMARY_PLOT})", ""]
+    (out / TOY_SUMMARY_FILE).write_text("\n".join(lines))
+    from training.toy.plots import plot_recovery_summary
 
-    plot_recovery_summary(rows, out / "recovery.png")
+    plot_recovery_summary(rows, out / TOY_SUMMARY_PLOT)
     return rows
+
+
+def reevaluate(out: Path) -> None:
+    """Recompute the metrics of every run folder under `out` (training.toy.run_folder.reevaluate_run)."""
+    folders = sorted(p.parent for p in out.glob(f"*/{TOY_MODEL_FILE}"))
+    if not folders:
+        raise SystemExit(f"no toy run folders (holding {TOY_MODEL_FILE}) under {out}")
+    for folder in tqdm(folders, desc="re-evaluating"):
+        summary = reevaluate_run(folder)["summary"]
+        print(f"{folder.name:20s} all features recovered in {summary['n_all_recovered']}/{summary['n_inst']} instances")
+    write_summary(out)
 
 
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
     torch.set_num_threads(args.threads)
+    if args.reevaluate:
+        reevaluate(args.out)
+        return
     archs = list(ARCHITECTURES) if args.all else args.architecture
     methods = list(RESAMPLE_METHODS) if args.all else args.resample
     toy_cfg = ToyModelConfig(**{f: getattr(args, f) for f in _TOY_FIELDS})
@@ -148,7 +155,7 @@ def main(argv: list[str] | None = None) -> None:
                   f"{cfg.steps / seconds:.0f} steps/s -> {args.out / name}")
     rows = write_summary(args.out)
     if rows:
-        print(f"results table: {args.out / 'README.md'}")
+        print(f"results table: {args.out / TOY_SUMMARY_FILE}")
 
 
 if __name__ == "__main__":
