@@ -41,5 +41,5 @@ BENCH_VENV ?= .venv-bench
 interop:
 	test -x $(BENCH_VENV)/bin/python || $(PYTHON) -m venv $(BENCH_VENV)
 	echo "torch==2.13.0" > $(BENCH_VENV)/constraints.txt
-	$(BENCH_VENV)/bin/pip install -q -c $(BENCH_VENV)/constraints.txt torch==2.13.0 sae-lens pytest
+	$(BENCH_VENV)/bin/pip install -q -c $(BENCH_VENV)/constraints.txt torch==2.13.0 sae-lens pytest matplotlib
 	$(BENCH_VENV)/bin/python -m pytest -q tests/sae/test_saelens_interop.py

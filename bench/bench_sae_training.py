@@ -2,7 +2,8 @@
 
 One training step = loss + gradients + Adam + the per-step bookkeeping, on one fixed random batch
 [batch, d_in] (the same tensor for every contender). Ours: `MultiSAETrainer._train_step` with one SAE
-(the hand-written fast path, decoder-parallel gradient removal, fused Adam, decoder renormalisation,
+(the hand-written fast path with the default recipe: gradient clipping, standard's free decoder;
+decoder-parallel gradient removal for unit rows, fused Adam, decoder renormalisation,
 dead-latent counters). SAELens: `SAETrainer._train_step` on `StandardTrainingSAE` / `TopKTrainingSAE`
 (forward, firing statistics, backward, grad-norm clipping, Adam, LR and coefficient schedulers).
 Contenders are interleaved within each repeat, and the median over repeats is reported.

@@ -31,6 +31,17 @@ class SAEConfig:
     """topk only: dead latents used by the AuxK loss (None or 0 disables AuxK)."""
     aux_coeff: float = 1 / 32
     """Weight of the auxiliary loss (AuxK for topk); gated's auxiliary loss always has weight 1."""
+    aux_relu: bool = True
+    """topk only: ReLU the AuxK activations (False: the dead latents' raw pre-activations, as SAELens)."""
+    aux_scale_dead: bool = False
+    """topk only: scale the AuxK loss by min(dead latents / aux_k, 1) (SAELens), so a few dead latents
+    weigh little."""
+    rescale_acts_by_decoder_norm: bool = False
+    """topk only: select and decode as if the decoder rows were unit (pre-activations times row norm, rows
+    divided by it; SAELens's option of that name), for an unconstrained decoder. Unit rows: no change."""
+    l1_decoder_norm: bool = False
+    """standard only: weight each latent's L1 term by its decoder row's norm (for an unconstrained decoder;
+    Anthropic's April 2024 recipe). With unit decoder rows it changes nothing."""
     ste_epsilon: float = 0.001
     """jumprelu only: width of the rectangle kernel of the straight-through estimators."""
     init_threshold: float = 0.001
@@ -55,6 +66,11 @@ class SAEConfig:
         if self.tied and self.architecture != "standard":
             raise ValueError("tied weights are supported for the standard architecture only")
 
+    @property
+    def free_decoder(self) -> bool:
+        """Trained with unconstrained decoder rows whose norms are factored out of the latents (folded on save)."""
+        return self.l1_decoder_norm or self.rescale_acts_by_decoder_norm
+
     def replace(self, **changes: Any) -> SAEConfig:
         return dataclasses.replace(self, **changes)
 
@@ -74,6 +90,10 @@ class SAEConfig:
             "tied": self.tied,
             "aux_k": self.aux_k,
             "aux_coeff": self.aux_coeff,
+            "aux_relu": self.aux_relu,
+            "aux_scale_dead": self.aux_scale_dead,
+            "l1_decoder_norm": self.l1_decoder_norm,
+            "rescale_acts_by_decoder_norm": self.rescale_acts_by_decoder_norm,
             "ste_epsilon": self.ste_epsilon,
             "init_threshold": self.init_threshold,
         }

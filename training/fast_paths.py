@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from sae.architectures import SparseAutoencoder, StandardSAE, TopKSAE
+from sae.config import SAEConfig
 
 
 class StepLosses(NamedTuple):
@@ -77,7 +78,11 @@ def _sq_sum(t: Tensor) -> Tensor:
 
 
 def standard_loss_and_grads(sae: StandardSAE, x: Tensor, sparsity_coeff: float) -> StepLosses:
-    """`x [batch, d_in]`: loss of `StandardSAE.forward` with this sparsity coefficient, gradients in `.grad`."""
+    """`x [batch, d_in]`: loss of `StandardSAE.forward` with this sparsity coefficient, gradients in `.grad`.
+
+    With `cfg.l1_decoder_norm` the L1 term is sum_i f_i ||W_dec_i||: latent i's penalty is lambda n_i, and
+    the decoder row gets lambda (sum_b f_bi) W_dec_i / n_i on top of its reconstruction gradient.
+    """
     W_enc, b_enc, W_dec, b_dec = sae.W_enc, sae.b_enc, sae.decoder_param, sae.b_dec
     batch, d_in = x.shape
     scale = 2.0 / (batch * d_in)  # dL/dx_hat = scale * (x_hat - x)
@@ -86,10 +91,18 @@ def standard_loss_and_grads(sae: StandardSAE, x: Tensor, sparsity_coeff: float) 
         f = torch.addmm(b_enc, xc, W_enc).clamp_min_(0)  # [batch, F]: pre-activations, ReLU'd in place
         e = torch.addmm(xc, f, W_dec, beta=-1)  # x_hat - x = f W_dec + b_dec - x = f W_dec - xc
         mse = _sq_sum(e) / e.numel()
-        l1 = f.sum() / batch
-        torch.mm(f.t(), e, out=_grad_buffer(W_dec)).mul_(scale)
-        # dL/df = scale * e W_dec^T + lambda / batch, then the ReLU backward in place.
-        df = torch.addmm(b_enc.new_full(b_enc.shape, sparsity_coeff / batch), e, W_dec.t(), alpha=scale)
+        grad_dec = torch.mm(f.t(), e, out=_grad_buffer(W_dec)).mul_(scale)
+        if sae.cfg.l1_decoder_norm:
+            norms = W_dec.norm(dim=1)  # [F]
+            f_sum = f.sum(0)
+            l1 = f_sum.dot(norms) / batch
+            penalty = norms * (sparsity_coeff / batch)  # dL/df_bi of the L1 term
+            grad_dec.addcmul_(W_dec, (f_sum * (sparsity_coeff / batch) / norms.clamp_min(1e-12))[:, None])
+        else:
+            l1 = f.sum() / batch
+            penalty = b_enc.new_full(b_enc.shape, sparsity_coeff / batch)
+        # dL/df = scale * e W_dec^T + the L1 term's, then the ReLU backward in place.
+        df = torch.addmm(penalty, e, W_dec.t(), alpha=scale)
         dpre = torch.ops.aten.threshold_backward.grad_input(df, f, 0.0, grad_input=df)
         torch.mm(xc.t(), dpre, out=_grad_buffer(W_enc))
         db_enc = dpre.sum(0)
@@ -117,6 +130,8 @@ class _Group(NamedTuple):
     scale: float
     lat: Tensor | None = None
     """[batch, F] dense latents (dense mode only)."""
+    relu: bool = True
+    """False: acts are the raw pre-activations (SAELens's AuxK), so every picked entry gets a gradient."""
 
 
 def topk_loss_and_grads(sae: TopKSAE, x: Tensor, dead_mask: Tensor | None = None) -> StepLosses:
@@ -151,10 +166,11 @@ def topk_loss_and_grads(sae: TopKSAE, x: Tensor, dead_mask: Tensor | None = None
         groups = [_Group(vals, idx, acts, e, scale, lat)]
         if k_aux:
             v2, i2 = pre.masked_fill_(~dead_mask, float("-inf")).topk(k_aux, dim=-1, sorted=False)
-            a2 = v2.clamp_min(0)
+            a2 = v2.clamp_min(0) if cfg.aux_relu else v2
             r, lat2 = decode(i2, a2, e, 1.0)  # aux_recon - (x - x_hat)
-            aux_loss = cfg.aux_coeff * _sq_sum(r) / r.numel()
-            groups.append(_Group(v2, i2, a2, r, cfg.aux_coeff * scale, lat2))
+            weight = cfg.aux_coeff * (min(n_dead / int(cfg.aux_k), 1.0) if cfg.aux_scale_dead else 1.0)
+            aux_loss = weight * _sq_sum(r) / r.numel()
+            groups.append(_Group(v2, i2, a2, r, weight * scale, lat2, cfg.aux_relu))
         del pre
         db_enc = _topk_dense_backward(sae, xc, groups) if dense else _topk_sparse_backward(sae, xc, groups)
         _set_grad(b_enc, db_enc)
@@ -172,7 +188,10 @@ def _topk_dense_backward(sae: TopKSAE, xc: Tensor, groups: list[_Group]) -> Tens
         assert g.lat is not None
         torch.addmm(grad_dec, g.lat.t(), g.rows, beta=float(gi > 0), alpha=g.scale, out=grad_dec)
         d_lat = torch.mm(g.rows, W_dec.t())
-        d_lat = torch.ops.aten.threshold_backward.grad_input(d_lat, g.lat, 0.0, grad_input=d_lat)  # ReLU backward
+        if g.relu:  # ReLU backward (also zero off the picked entries, where lat = 0)
+            d_lat = torch.ops.aten.threshold_backward.grad_input(d_lat, g.lat, 0.0, grad_input=d_lat)
+        else:
+            d_lat.mul_(torch.zeros_like(g.lat).scatter_(1, g.idx, 1.0))
         d_pre = d_lat.mul_(g.scale) if d_pre is None else d_pre.add_(d_lat, alpha=g.scale)
     assert d_pre is not None
     torch.mm(xc.t(), d_pre, out=_grad_buffer(sae.W_enc))
@@ -200,7 +219,9 @@ def _topk_sparse_backward(sae: TopKSAE, xc: Tensor, groups: list[_Group]) -> Ten
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         d_act = torch.sparse.sampled_addmm(pattern, dense, W_dec.t(), beta=0.0).values()
-    d_pre = d_act.mul_(entry_scale).mul_(val > 0)  # ReLU backward; -inf picks (< aux_k dead latents) get none
+    passes = torch.cat([(g.vals > 0 if g.relu else torch.ones_like(g.vals, dtype=torch.bool)).reshape(-1)
+                        for g in groups])
+    d_pre = d_act.mul_(entry_scale).mul_(passes)  # ReLU backward (groups with relu only)
     # Weight gradients: entries sorted by latent, each latent's gradient row a weighted sum of
     # dense rows, i.e. an embedding_bag with one bag per latent (faster than CSR spmm on CPU).
     lat_sorted, order = torch.sort(col, stable=True)
@@ -212,6 +233,35 @@ def _topk_sparse_backward(sae: TopKSAE, xc: Tensor, groups: list[_Group]) -> Ten
     d_enc_t = F.embedding_bag(tok, xc, offsets, mode="sum", per_sample_weights=d_pre[order])  # [F, d_in]
     _set_grad(sae.W_enc, d_enc_t.t())
     return torch.zeros(n_lat, dtype=xc.dtype).index_add_(0, col.long(), d_pre)
+
+
+class _Effective(NamedTuple):
+    """TopK weights with the decoder norms n factored out: W_enc n, b_enc n, W_dec / n (what the module uses
+    with rescale_acts_by_decoder_norm), as leaf tensors that receive `.grad`."""
+
+    cfg: SAEConfig
+    W_enc: Tensor
+    b_enc: Tensor
+    decoder_param: Tensor
+    b_dec: Tensor
+
+
+def rescaled_topk_loss_and_grads(sae: TopKSAE, x: Tensor, dead_mask: Tensor | None = None) -> StepLosses:
+    """TopK with rescale_acts_by_decoder_norm: the unit-row fast path on the effective weights, its
+    gradients taken back through W_enc n, b_enc n and W_dec = n u (u unit) by the chain rule."""
+    W_enc, b_enc, W_dec = sae.W_enc, sae.b_enc, sae.decoder_param
+    with torch.no_grad():
+        n = W_dec.norm(dim=1).clamp_min(1e-12)  # [F]
+        u = W_dec / n[:, None]
+        eff = _Effective(sae.cfg, W_enc * n, b_enc * n, u, sae.b_dec)
+        out = topk_loss_and_grads(eff, x, dead_mask)  # type: ignore[arg-type]
+        g_enc, g_benc, g_u = eff.W_enc.grad, eff.b_enc.grad, eff.decoder_param.grad
+        g_n = (g_enc * W_enc).sum(0) + g_benc * b_enc  # [F]: d loss / d n through the encoder side
+        _set_grad(W_enc, g_enc * n)
+        _set_grad(b_enc, g_benc * n)
+        radial = (g_u * u).sum(1, keepdim=True)
+        _set_grad(W_dec, (g_u - radial * u) / n[:, None] + g_n[:, None] * u)  # b_dec's grad is set directly
+    return out
 
 
 def autograd_loss_and_grads(
@@ -239,6 +289,8 @@ def loss_and_grads(
     """Dispatch: the fast path when there is one (and `fast`), autograd otherwise."""
     if fast and has_fast_path(sae):
         if isinstance(sae, TopKSAE):
+            if sae.cfg.rescale_acts_by_decoder_norm:
+                return rescaled_topk_loss_and_grads(sae, x, dead_mask)
             return topk_loss_and_grads(sae, x, dead_mask)
         return standard_loss_and_grads(sae, x, sparsity_coeff)  # type: ignore[arg-type]
     return autograd_loss_and_grads(sae, x, dead_mask, sparsity_coeff)

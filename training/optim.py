@@ -30,9 +30,16 @@ def set_lr(opt: torch.optim.Optimizer, lr: float) -> None:
         group["lr"] = lr
 
 
-def constrained_step(sae: SparseAutoencoder, opt: torch.optim.Optimizer, remove_radial_grad: bool = True) -> None:
-    """One optimizer step on gradients already in `.grad`, keeping decoder rows at unit norm."""
-    if remove_radial_grad:
+def constrained_step(
+    sae: SparseAutoencoder, opt: torch.optim.Optimizer, remove_radial_grad: bool = True, unit_decoder: bool = True,
+    clip_norm: float = 0.0,
+) -> None:
+    """One optimizer step on gradients already in `.grad`, keeping decoder rows at unit norm (`unit_decoder`;
+    a free decoder takes a plain step). `clip_norm > 0`: clip the gradient's global norm to it before Adam."""
+    if unit_decoder and remove_radial_grad:
         sae.remove_parallel_decoder_grad_()
+    if clip_norm > 0:
+        torch.nn.utils.clip_grad_norm_(list(sae.parameters()), clip_norm, foreach=True)
     opt.step()
-    sae.normalize_decoder_()
+    if unit_decoder:
+        sae.normalize_decoder_()

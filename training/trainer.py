@@ -105,7 +105,7 @@ class MultiSAETrainer:
         self.dist = dist or DistContext()
         self.reducer = StepReducer(self.dist)
         self.members = [place_member(make_member(cfg, s), device) for s in self.specs]
-        if data_mean is not None:
+        if data_mean is not None and cfg.b_dec_init == "mean":
             with torch.no_grad():
                 for m in self.members:
                     m.sae.b_dec.copy_(data_mean.to(m.sae.b_dec.dtype) * self.scale)
@@ -127,7 +127,9 @@ class MultiSAETrainer:
             coeff = sparsity_coeff_at(m.spec.cfg.sparsity_coeff, step, cfg.sparsity_warmup_steps)
             out: StepLosses = self._reduced(m, loss_and_grads(m.sae, x, coeff, dead, fast=cfg.fast))
             set_lr(m.opt, lr)
-            constrained_step(m.sae, m.opt)
+            # The clip is on SAELens's scale: our loss (a mean over d_in) and its gradient are its / d_in.
+            constrained_step(m.sae, m.opt, unit_decoder=not m.spec.cfg.free_decoder,
+                             clip_norm=cfg.grad_clip_norm / m.spec.cfg.d_in)
             fired = out.fire_counts > 0
             m.steps_since_fired += 1
             m.steps_since_fired[fired] = 0

@@ -24,7 +24,7 @@ from sae.layout import STEPS_DIR
 from sae.layout import TRAINER_STATE_JSON as STATE_JSON
 from sae.layout import TRAINER_STATE_TENSORS as STATE_TENSORS
 from training.optim import make_adam
-from training.trainer_config import SAESpec, TrainerConfig
+from training.trainer_config import SAESpec, TrainerConfig, init_norm_for
 
 STATE_FORMAT = 1
 
@@ -58,6 +58,12 @@ def member_seed(seed: int, spec: SAESpec) -> int:
 
 def make_member(cfg: TrainerConfig, spec: SAESpec) -> Member:
     sae = build_sae(spec.cfg, seed=cfg.seed)
+    init = init_norm_for(cfg, spec.cfg.architecture)
+    if init != 1.0:
+        with torch.no_grad():  # unit rows from build_sae; a unit decoder stays unit, its encoder starts small
+            sae.W_enc.mul_(init)
+            if spec.cfg.free_decoder and sae._W_dec is not None:
+                sae._W_dec.mul_(init)
     sae.train()
     opt = make_adam(sae.parameters(), cfg.lr, (cfg.adam_beta1, cfg.adam_beta2))
     f = spec.cfg.d_sae
@@ -78,14 +84,23 @@ def place_member(m: Member, device: torch.device | str) -> Member:
 
 
 def fold_scale(sae: SparseAutoencoder, scale: float) -> SparseAutoencoder:
-    """An untied copy that reads raw activations: trained on s x, so W_enc * s, W_dec / s, b_dec / s."""
-    if scale == 1.0 and not sae.cfg.tied:
+    """An untied copy that reads raw activations: trained on s x, so W_enc * s, W_dec / s, b_dec / s.
+
+    A free decoder's row norms n are folded first (W_dec / n, W_enc * n, b_enc * n: same reconstruction,
+    unit rows, and the decoder-norm-weighted L1 becomes the plain one)."""
+    if scale == 1.0 and not sae.cfg.tied and not sae.cfg.free_decoder:
         return sae
     w = sae.effective_weights()
+    if sae.cfg.free_decoder:
+        norms = w["W_dec"].norm(dim=-1).clamp_min(1e-12)  # [F]
+        w["W_dec"] = w["W_dec"] / norms[:, None]
+        w["W_enc"] = w["W_enc"] * norms
+        w["b_enc"] = w["b_enc"] * norms
     w["W_enc"] = w["W_enc"] * scale
     w["W_dec"] = w["W_dec"] / scale
     w["b_dec"] = w["b_dec"] / scale
-    out = build_sae(sae.cfg.replace(tied=False), seed=0)  # a shell: every weight is overwritten
+    # A shell (every weight is overwritten) of the plain unit-row SAE that the folded weights are.
+    out = build_sae(sae.cfg.replace(tied=False, l1_decoder_norm=False, rescale_acts_by_decoder_norm=False), seed=0)
     out.load_effective_weights(w)
     return out
 

@@ -1,4 +1,8 @@
-"""Standard SAE: f = ReLU((x - b_dec) W_enc + b_enc), L1 penalty summed over latents."""
+"""Standard SAE: f = ReLU((x - b_dec) W_enc + b_enc), L1 penalty summed over latents.
+
+With `l1_decoder_norm` the L1 term is sum_i f_i ||W_dec_i||, so a free (unconstrained) decoder cannot
+shrink the penalty by growing its rows while the latents shrink.
+"""
 
 from __future__ import annotations
 
@@ -18,4 +22,6 @@ class StandardSAE(SparseAutoencoder):
         return torch.relu(pre)
 
     def loss_terms(self, x, pre, latents, x_hat, dead_mask, sparsity_coeff) -> dict[str, Tensor]:
+        if self.cfg.l1_decoder_norm:
+            return {"L_sparsity": sparsity_coeff * (latents.abs() * self.W_dec.norm(dim=-1)).sum(-1)}
         return {"L_sparsity": sparsity_coeff * latents.abs().sum(-1)}

@@ -164,7 +164,8 @@ def test_outputs_and_curves(tmp_path):
 
 
 def test_activation_scale_is_folded(tmp_path):
-    """The saved SAE reads raw activations: it equals the trained module on scaled inputs, scaled back."""
+    """The saved SAE reads raw activations: it equals the trained module on scaled inputs, scaled back
+    (a free decoder's row norms folded into the latents)."""
     acts = _acts() * 10
     scale = activation_scale(acts)
     assert scale == pytest.approx((D / acts.pow(2).sum(-1).mean()).sqrt().item(), rel=1e-5)
@@ -176,8 +177,10 @@ def test_activation_scale_is_folded(tmp_path):
         with torch.no_grad():
             inner = member.sae(x * scale)
             outer = saved(x)
-        torch.testing.assert_close(outer.latents, inner.latents, rtol=1e-4, atol=1e-4)
+        norms = member.sae.W_dec.norm(dim=-1) if member.spec.cfg.l1_decoder_norm else torch.ones(20)
+        torch.testing.assert_close(outer.latents, inner.latents * norms, rtol=1e-4, atol=1e-4)
         torch.testing.assert_close(outer.reconstruction, inner.reconstruction / scale, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(saved.W_dec.norm(dim=-1), torch.full((20,), 1 / scale), rtol=1e-5, atol=1e-5)
 
 
 def test_resume_reproduces_uninterrupted_run(tmp_path):
