@@ -7,6 +7,7 @@ the newest request of the same session, so a late page-load analysis never overw
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -18,6 +19,8 @@ from explorer.gpu import gpu_task
 from explorer.intervene import MAX_NEW_TOKENS, OPERATIONS
 from explorer.render import TOKEN_CLICK_JS
 from explorer.state import Explorer, step_choices
+
+log = logging.getLogger("sae-explorer")
 
 EXAMPLES = [
     "Once upon a time, there was a little girl named Lily. She loved to play outside in the sunshine. "
@@ -260,6 +263,7 @@ def sequenced(ex: Explorer, C: dict[str, Any], fn: Callable[..., dict], outputs:
         n = ex.sequencer.begin(session, "analyze", seq)
         out = fn(*args)
         if not ex.sequencer.is_latest(session, "analyze", n):
+            log.info("dropped a stale analysis result (request %s of session %s; a newer one exists)", n, session)
             return {C[k]: gr.skip() for k in outputs}
         return emit(C, out)
 
