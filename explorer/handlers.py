@@ -284,7 +284,11 @@ def page_load(ex: Explorer, params: dict[str, str], text: str, model: str, hook:
     for name, want, got in zip(("model", "hook", "run", "F", "step"), asked, chosen):
         if want is not None and str(want) != str(got.value):
             notices.append(f"The link's {name}={want!r} is not among the checkpoints; showing {got.value!r}.")
-    out: dict[str, Any] = {"text": text, **dict(zip(SELECTOR_NAMES, chosen))}
+    out: dict[str, Any] = {}
+    if link.text:  # only a link changes the text box: the user may have typed already
+        out["text"] = text
+    if any(a is not None for a in asked):
+        out.update(zip(SELECTOR_NAMES, chosen))
     if ex.catalog.entries and text.strip():
         out.update(analyze(ex, text, *(c.value for c in chosen), by, mode, latent=link.latent))
         if link.latent is not None and out.get("latent_num") != link.latent and "state" in out:

@@ -16,7 +16,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from explorer.analyze import check_compatible, clean_text, model_lock, tokenize_text
+from explorer.analyze import check_compatible, clean_text, model_lock, tokenize_text, visible
 from explorer.errors import AnalysisError
 from sae.architectures import SparseAutoencoder
 from sae.base_model import BaseModel, residual_at
@@ -127,7 +127,7 @@ def _top(logits_row: Tensor, bm: BaseModel, strings: Sequence[str] | None, n: in
     probs = torch.softmax(logits_row.float(), -1)
     top = torch.topk(probs, min(n, probs.shape[0]))
     def label(i: int) -> str:
-        return strings[i] if strings is not None and i < len(strings) else bm.tokenizer.decode([i])
+        return visible(strings[i] if strings is not None and i < len(strings) else bm.tokenizer.decode([i]))
     return [Prediction(label(int(i)), float(v)) for v, i in zip(top.values, top.indices)]
 
 
@@ -137,8 +137,6 @@ def intervene(
 ) -> InterventionResult:
     """Apply `iv` to `text` at the hook; `position` (default: the last token) is where predictions are read;
     `n_new` (<= MAX_NEW_TOKENS) tokens are generated greedily, or sampled with `seed`."""
-    from explorer.analyze import visible
-
     idx = check_compatible(bm, sae, layer)
     text, _ = clean_text(text)
     ids_list, pieces, _, _ = tokenize_text(bm, text)

@@ -24,9 +24,11 @@ from sae.architectures import SparseAutoencoder
 from sae.base_model import BaseModel
 
 CLOSE_COSINE = 0.8
-"""A match at least this close, with no second one above SPLIT_COSINE, is a close match."""
+"""A match at least this close, with no runner-up near it (SPLIT_MARGIN), is a close match."""
 SPLIT_COSINE = 0.5
 """Two or more matches at least this close: the latent is split among them."""
+SPLIT_MARGIN = 0.25
+"""A best match this much closer than the runner-up stays a close match, even if the runner-up passes SPLIT_COSINE."""
 RELATED_COSINE = 0.3
 """Below this nothing is alike; between it and CLOSE_COSINE (one match) the latent is spread."""
 N_MATCHES = 5
@@ -119,8 +121,9 @@ def verdict(matches: Sequence[Match]) -> str:
     """close match / split / spread / nothing alike, from the cosines of the matches (best first)."""
     cosines = [m.cosine for m in matches]
     best = cosines[0] if cosines else 0.0
+    second = cosines[1] if len(cosines) > 1 else 0.0
     strong = sum(c >= SPLIT_COSINE for c in cosines)
-    if best >= CLOSE_COSINE and strong < 2:
+    if best >= CLOSE_COSINE and (strong < 2 or best - second >= SPLIT_MARGIN):
         return "close match"
     if strong >= 2:
         return "split"

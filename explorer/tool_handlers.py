@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import html
 import math
+import time
 from typing import Any
 
 import pandas as pd
@@ -37,6 +38,7 @@ def _latent_index(latent: Any) -> int:
 
 def links(ex: Explorer, text: str, model: str, hook: str, run: str, f: str, step: str, latent: Any) -> dict[str, Any]:
     """The selected latent's best decoder-cosine matches in every other width of the same model, hook and run."""
+    t0 = time.perf_counter()
     try:
         entry = ex.entry(model, hook, run, f, step)
         lat = _latent_index(latent)
@@ -46,8 +48,10 @@ def links(ex: Explorer, text: str, model: str, hook: str, run: str, f: str, step
             raise AnalysisError(f"Run {run!r} has no other width to link to: only F={entry.info.d_sae}.")
         loaded = [(f"F={e.info.d_sae}", str(e.info.path), ex.cache.sae(e.info.path)) for e in others]
         res = link_latent(bm, sae, str(entry.info.path), loaded, entry.info.hook_name, text, lat, ex.cosines)
-        return {"links_status": f"Latent **{lat}** of F={entry.info.d_sae} ({run}) in {len(others)} other width(s).",
-                "links_view": links_html(res), "links_json": links_json(res)}
+        out = {"links_status": f"Latent **{lat}** of F={entry.info.d_sae} ({run}) in {len(others)} other width(s).",
+               "links_view": links_html(res), "links_json": links_json(res)}
+        out["links_json"]["server_ms"] = (time.perf_counter() - t0) * 1e3
+        return out
     except Exception as err:
         return {**fail(err, "links_status"), "links_view": "", "links_json": {"error": str(err)}}
 
@@ -106,19 +110,22 @@ def run_intervention(
     value: Any, positions: str | None, position: Any, n_new: Any, sampling: str, seed: Any,
 ) -> dict[str, Any]:
     """Ablate / clamp / steer a latent on the text and show what changes."""
+    t0 = time.perf_counter()
     try:
         entry = ex.entry(model, hook, run, f, step)
         if op not in OPERATIONS:
             raise AnalysisError(f"Unknown operation {op!r}: choose one of {', '.join(OPERATIONS)}.")
         iv = Intervention(_latent_index(latent), op, float(value or 0.0), parse_positions(positions))
         bm, sae = ex.load(entry)
-        pos = None if position in (None, "") else int(position)
+        pos = None if position in (None, "") or int(position) < 0 else int(position)
         n = MAX_NEW_TOKENS if n_new in (None, "") else int(n_new)
         if not 0 <= n <= MAX_NEW_TOKENS:
             raise AnalysisError(f"New tokens must be between 0 and {MAX_NEW_TOKENS}, not {n}.")
         seed_v = None if sampling == "greedy" else int(seed or 0)
         res = intervene(bm, sae, entry.info.hook_name, text, iv, pos, n, seed_v, ex.cache.token_strings(bm))
-        return intervention_outputs(res, iv)
+        out = intervention_outputs(res, iv)
+        out["iv_json"]["server_ms"] = (time.perf_counter() - t0) * 1e3
+        return out
     except Exception as err:
         return {**fail(err, "iv_status"), "iv_json": {"error": str(err)}}
 
@@ -130,7 +137,7 @@ def intervention_outputs(res: InterventionResult, iv: Intervention) -> dict[str,
     what = {"ablate": "set to 0", "clamp": f"clamped to {iv.value:g}", "steer": f"steered by {iv.value:+g} × W_dec"}
     where = "every token" if iv.positions is None else f"tokens {', '.join(map(str, res.edited))}"
     tip = lambda p: f" · CE {res.ce_before[p]:.2f} → {res.ce_after[p]:.2f}"  # noqa: E731
-    rows = [[b.token, round(b.prob, 4), a.token, round(a.prob, 4)] for b, a in zip(res.top_before, res.top_after)]
+    rows = [[b.token, f"{b.prob:.3g}", a.token, f"{a.prob:.3g}"] for b, a in zip(res.top_before, res.top_after)]
     return {
         "iv_status": (f"Latent **{iv.latent}** {what[iv.op]} on {where}: mean next-token CE change "
                       f"**{fmt(mean)}** nats over {finite.numel()} predictions."),

@@ -182,7 +182,7 @@ def intervene_tab(C: dict[str, Any]) -> None:
         C["iv_positions"] = gr.Textbox(value="all", label="Tokens to edit ('all' or positions like 3, 5-7)",
                                        elem_id="iv-positions")
     with gr.Row():
-        C["iv_position"] = gr.Number(value=None, precision=0, label="Predictions after token # (empty: last)",
+        C["iv_position"] = gr.Number(value=-1, precision=0, label="Predictions after token # (-1: the last)",
                                      elem_id="iv-position")
         C["iv_new"] = gr.Slider(0, MAX_NEW_TOKENS, value=24, step=1, label="New tokens", elem_id="iv-new")
         C["iv_sampling"] = gr.Radio(["greedy", "seeded sampling"], value="greedy", label="Continuation")

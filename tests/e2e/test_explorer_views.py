@@ -99,11 +99,13 @@ def test_interventions(browser, app):
     page = _page(browser, app[0])
     _analyze(page, STORY)
     expect(page.locator("#status-box")).to_contain_text("Analysed", timeout=30_000)
+    expect(page.locator("#tokens-view")).to_contain_text("fox")
     page.get_by_role("tab", name="Intervene").click()
     page.locator("#iv-op").get_by_text("steer", exact=True).click()
     page.locator("#iv-value input").fill("40")
     page.locator("#iv-btn").click()
     expect(page.locator("#iv-status")).to_contain_text("steered by +40", timeout=30_000)
+    expect(page.locator("#iv-ce-view")).to_contain_text("fox")
     n_tokens = len(page.locator("#tokens-view .tok").all())
     assert page.locator("#iv-ce-view .tok").count() == n_tokens
     expect(page.locator("#iv-top")).to_contain_text("p after")

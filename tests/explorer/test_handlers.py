@@ -141,6 +141,9 @@ def test_deep_link_restores_text_checkpoint_and_latent(ex):
     bad = H.page_load(ex, {"F": "999", "latent": "x"}, STORY, MODEL, HOOK, "standard", "32", "final", "max", "error")
     assert "F='999'" in bad[H.WARNING] and "latent='x'" in bad[H.WARNING] and bad["f_radio"].value == "32"
     assert parse_deep_link({})[0].text is None
+    plain = H.page_load(ex, {}, STORY, MODEL, HOOK, "standard", "32", "final", "max", "error")
+    assert "text" not in plain and "f_radio" not in plain  # what the user typed meanwhile stays
+    assert plain["state"][0].text == STORY
 
 
 def test_compare_and_selectors(ex):
