@@ -175,7 +175,7 @@ def measure(url: str, story: str, target: tuple, args: argparse.Namespace):
     model_name, hook, run, width = target
     client = Client(url, verbose=False)
     load_avg = [os.getloadavg()[0]]
-    call = (story, model_name, hook, run, str(width), "final", "max", "error")
+    call = (None, story, model_name, hook, run, str(width), "final", "max", "error")  # None: no request number
     phases: dict[str, list[float]] = {k: [] for k, _ in PHASES}
     rtt: list[float] = []
     n_tok = None
@@ -194,7 +194,7 @@ def measure(url: str, story: str, target: tuple, args: argparse.Namespace):
             rtt.append(dt)
             for k, _ in PHASES:
                 phases[k].append(float(timings.get(k, float("nan"))))
-    tools = measure_tools(client, call[:6], int(out[0]), args)  # outputs[0]: the latent shown (states are not sent)
+    tools = measure_tools(client, call[1:7], int(out[0]), args)  # outputs[0]: the latent shown (states are not sent)
     load_avg.append(os.getloadavg()[0])
     return phases, rtt, n_tok, load_avg, tools
 
