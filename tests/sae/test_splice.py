@@ -1,11 +1,12 @@
 """sae/splice.py: spliced CE / KL, and its two shortcuts checked against full forward passes."""
+# ruff: noqa: F811 - pytest fixtures imported from test_base_model are used as arguments
 
 import pytest
 import torch
 import torch.nn.functional as F
-from transformers import GPT2Config, GPT2LMHeadModel, GPTNeoConfig, GPTNeoForCausalLM, LlamaConfig, LlamaForCausalLM
+from test_base_model import batch, bm, tok  # noqa: F401 - the same tiny GPT-Neo / GPT-2 / Llama fixtures
 
-from sae.base_model import gpt2_tokenizer, load_base_model, logits_with_replacement, residual_at
+from sae.base_model import logits_with_replacement, residual_at
 from sae.splice import (
     clean_pass,
     downstream_losses,
@@ -14,38 +15,6 @@ from sae.splice import (
     spliced_logits,
     zero_ablation_logits,
 )
-
-
-def _tiny(kind: str):
-    torch.manual_seed(0)
-    if kind == "gpt_neo":
-        return GPTNeoForCausalLM(GPTNeoConfig(vocab_size=50257, hidden_size=32, num_layers=4, num_heads=4,
-                                              max_position_embeddings=64, attention_types=[[["global", "local"], 2]],
-                                              window_size=8, intermediate_size=64))
-    if kind == "gpt2":
-        return GPT2LMHeadModel(GPT2Config(vocab_size=50257, n_embd=32, n_layer=3, n_head=4, n_positions=64))
-    cfg = LlamaConfig(vocab_size=50257, hidden_size=32, intermediate_size=64, num_hidden_layers=3,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)  # fmt: skip
-    return LlamaForCausalLM(cfg)
-
-
-@pytest.fixture(scope="module")
-def tok():
-    return gpt2_tokenizer()
-
-
-@pytest.fixture(scope="module", params=["gpt_neo", "gpt2", "llama"])
-def bm(request, tmp_path_factory, tok):
-    folder = tmp_path_factory.mktemp("models") / f"tiny-{request.param}"
-    _tiny(request.param).save_pretrained(folder)
-    tok.save_pretrained(folder)
-    return load_base_model(str(folder))
-
-
-@pytest.fixture(scope="module")
-def batch(tok):
-    enc = tok(["Once upon a time there was a little dog.", "Lily liked to play."], padding=True, return_tensors="pt")
-    return enc.input_ids, enc.attention_mask
 
 
 @pytest.mark.parametrize("layer", [0, 1])
