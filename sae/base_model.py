@@ -13,17 +13,14 @@ from __future__ import annotations
 import json
 import os
 import re
-from collections.abc import Callable
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
-from typing import NamedTuple
 
 import torch
 from torch import Tensor, nn
 
 from sae.hub import hub_reachable
-from sae.metrics import kl_div, next_token_ce
 
 RANDOM_PREFIX = "random:"
 FLAGSHIP = "roneneldan/TinyStories-33M"
@@ -245,69 +242,3 @@ def logits_with_replacement(
     finally:
         if handle is not None:
             handle.remove()
-
-
-def _logits_and_residual(bm: BaseModel, input_ids: Tensor, attention_mask: Tensor | None, idx: int):
-    captured: list[Tensor] = []
-    handle = bm.blocks[idx].register_forward_hook(lambda m, a, out: captured.append(_hidden(out)))
-    try:
-        with torch.inference_mode():
-            return _forward(bm, input_ids, attention_mask).logits, captured[0]
-    finally:
-        handle.remove()
-
-
-def next_token_mask(input_ids: Tensor, attention_mask: Tensor | None) -> Tensor:
-    """Bool[Tensor, "batch seq-1"]: positions whose next token is a real (unpadded) prediction target."""
-    if attention_mask is None:
-        return torch.ones_like(input_ids[:, 1:], dtype=torch.bool)
-    m = attention_mask.bool()
-    return m[:, 1:] & m[:, :-1]
-
-
-def next_token_losses(logits: Tensor, input_ids: Tensor, attention_mask: Tensor | None) -> Tensor:
-    """Float[Tensor, "batch seq-1"]: cross-entropy of predicting token t+1 at t; 0 where masked."""
-    ce = next_token_ce(logits, input_ids.to(logits.device))
-    return ce * next_token_mask(input_ids, attention_mask).to(ce.device)
-
-
-class DownstreamLosses(NamedTuple):
-    ce_clean: float
-    ce_spliced: float
-    ce_ablation: float  # zeros spliced in
-    kl_spliced: float  # KL(clean || spliced), mean over the same next-token positions
-    n_tokens: int
-
-
-def downstream_losses(
-    bm: BaseModel,
-    input_ids: Tensor,
-    attention_mask: Tensor | None,
-    layer: int | str,
-    replacement: Tensor | Callable[[Tensor], Tensor],
-) -> DownstreamLosses:
-    """Mean CE clean / spliced / zero-ablated and KL(clean || spliced) on one batch.
-
-    `replacement` is Float[Tensor, "batch seq d_model"], or a function from the clean residual to it
-    (e.g. an SAE's reconstruction), which saves a separate residual_at pass.
-    """
-    idx = _layer_index(bm, layer)
-    clean, resid = _logits_and_residual(bm, input_ids, attention_mask, idx)
-    with torch.inference_mode():
-        rep = replacement(resid) if callable(replacement) else replacement
-    spliced = logits_with_replacement(bm, input_ids, attention_mask, idx, rep)
-    ablated = logits_with_replacement(bm, input_ids, attention_mask, idx, torch.zeros_like(resid))
-    mask = next_token_mask(input_ids, attention_mask).to(clean.device)
-    n = int(mask.sum())
-
-    def mean_ce(logits: Tensor) -> float:
-        return float(next_token_losses(logits, input_ids, attention_mask).sum() / max(n, 1))
-
-    kl = kl_div(clean[:, :-1], spliced[:, :-1])
-    return DownstreamLosses(
-        ce_clean=mean_ce(clean),
-        ce_spliced=mean_ce(spliced),
-        ce_ablation=mean_ce(ablated),
-        kl_spliced=float((kl * mask).sum() / max(n, 1)),
-        n_tokens=n,
-    )

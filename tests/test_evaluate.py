@@ -5,11 +5,12 @@ import torch
 from conftest import save_tiny_gpt_neo
 
 from sae.architectures import build_sae
-from sae.base_model import downstream_losses, load_base_model, residual_at
+from sae.base_model import load_base_model, residual_at
 from sae.checkpoint import load_sae, save_sae
 from sae.config import SAEConfig
 from sae.latent_stats import LatentStats
 from sae.metrics import variance_explained
+from sae.splice import downstream_losses
 from training.evaluate import EvalConfig, eval_set, evaluate_folders, evaluate_saes
 from training.tinystories_cli import TinyStoriesConfig, TinyStoriesError, main, run
 

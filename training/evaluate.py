@@ -3,7 +3,7 @@
 One pass over the validation stories serves every SAE: per batch of stories the base model runs once
 to the hook (the residual), once clean and once with zeros spliced in (CE of the ablation); then once
 per SAE with its reconstruction spliced in. Reconstruction metrics come from `sae.metrics`
-(`ReconstructionStats`), downstream ones from `next_token_ce` / `kl_div` over the positions whose
+(`ReconstructionStats`), downstream ones from `sae.splice.splice_losses` over the positions whose
 next token is real. A second, model-free pass per SAE re-encodes the stored residuals to fill the
 latent histograms and the activations over each top context's window.
 """
@@ -22,10 +22,11 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from sae.architectures import SparseAutoencoder
-from sae.base_model import BaseModel, logits_with_replacement, next_token_mask, residual_at
+from sae.base_model import BaseModel, residual_at
 from sae.checkpoint import METRICS_FILE, load_sae
 from sae.latent_stats import LATENT_STATS_FILE, LatentStats, empty_histogram_edges
-from sae.metrics import METRICS_VERSION, ReconstructionStats, ce_loss_score, kl_div, next_token_ce
+from sae.metrics import METRICS_VERSION, ReconstructionStats, ce_loss_score
+from sae.splice import splice_losses
 from training.activations import TokenBatch, tokenize_stories
 
 
@@ -131,26 +132,13 @@ def evaluate_saes(
             acc.top.update(lat, start)
             recons.append(rec.view_as(resid))
         if cfg.downstream:
-            ntm = next_token_mask(ids, mask).float()
-            n_ce += int(ntm.sum())
-            clean = logits_with_replacement(bm, ids, mask, layer, None).float()
-            ce_clean += float((next_token_ce(clean, ids) * ntm).sum())
-            # The zero ablation and every SAE's splice, several per forward pass (stacked along the batch).
-            replacements = [torch.zeros_like(resid), *recons]
-            per_call = max(1, cfg.splice_budget // clean.numel())
-            for c0 in range(0, len(replacements), per_call):
-                chunk = replacements[c0: c0 + per_call]
-                n = len(chunk)
-                logits = logits_with_replacement(bm, ids.repeat(n, 1), mask.repeat(n, 1), layer, torch.cat(chunk))
-                for i, lg in enumerate(logits.float().split(ids.shape[0])):
-                    ce = float((next_token_ce(lg, ids) * ntm).sum())
-                    if c0 + i == 0:
-                        ce_ablation += ce
-                        continue
-                    acc = accs[c0 + i - 1]
-                    acc.ce_sae += ce
-                    acc.kl += float((kl_div(clean[:, :-1], lg[:, :-1]) * ntm).sum())
-                del logits
+            losses = splice_losses(bm, ids, mask, layer, recons, cfg.splice_budget)
+            n_ce += losses.n_tokens
+            ce_clean += float(losses.ce_clean.sum())
+            ce_ablation += float(losses.ce_ablation.sum())
+            for acc, ce, kl in zip(accs, losses.ce_spliced, losses.kl_spliced):
+                acc.ce_sae += float(ce.sum())
+                acc.kl += float(kl.sum())
         start += x.shape[0]
     x_all = torch.cat(xs)
     results, stats = [], []
