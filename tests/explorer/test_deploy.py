@@ -13,6 +13,7 @@ from importlib.metadata import version
 from pathlib import Path
 
 import pytest
+from hub_standin import HubStandIn
 
 from explorer.deploy import PROJECT_ROOT, DeployConfig, plan_space
 from explorer.space_card import TORCH_CPU_INDEX, ZEROGPU_PYTHON_VERSIONS, read_front_matter
@@ -26,6 +27,10 @@ PLAIN_GIT_LIMIT_BYTES = 10 * 1024 * 1024
 """Spaces reject files above 10 MB that are not stored through LFS / Xet."""
 
 
+SPACE_ARGS = ("--repo-id", "someone/sae-explorer", "--hardware", "cpu-basic", "--hub-sae-repo", "someone/saes")
+"""The Space the dry-run and upload tests build: a CPU Space that also serves a Hub repo's SAEs."""
+
+
 def deploy_cli(*args: str, env: dict[str, str] | None = None, timeout: float = 120) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "explorer", "deploy", *args], cwd=PROJECT_ROOT, capture_output=True,
                           text=True, timeout=timeout, env={**os.environ, **(env or {})})
@@ -37,16 +42,16 @@ def tree(folder: Path) -> set[str]:
 
 @pytest.fixture(scope="module")
 def space(tmp_path_factory) -> Path:
-    """The dry-run folder of a CPU Space, written by the command itself."""
+    """The dry-run folder of SPACE_ARGS, written by the command itself."""
     out = tmp_path_factory.mktemp("space") / "sae-explorer"
-    proc = deploy_cli("--repo-id", "someone/sae-explorer", "--dry-run", str(out), "--hardware", "cpu-basic")
+    proc = deploy_cli(*SPACE_ARGS, "--dry-run", str(out))
     assert proc.returncode == 0, proc.stderr
     assert "dry run:" in proc.stdout
     return out
 
 
 def test_dry_run_holds_exactly_the_planned_files(space):
-    plan = plan_space(DeployConfig(repo_id="someone/sae-explorer", hardware="cpu-basic"))
+    plan = plan_space(DeployConfig(repo_id="someone/sae-explorer", hardware="cpu-basic", hub_sae_repo="someone/saes"))
     files = tree(space)
     assert files == set(plan.paths())
     assert {"app.py", "README.md", "requirements.txt", ".gitattributes", "sae/__init__.py"} <= files
@@ -215,3 +220,25 @@ def test_offline_upload_fails_fast_and_clearly(space):
     assert "hf_secret_value_for_the_test" not in proc.stdout + proc.stderr
     after = subprocess.run(["git", "status", "--porcelain"], cwd=PROJECT_ROOT, capture_output=True, text=True).stdout
     assert after == before
+
+
+def test_upload_sends_exactly_the_dry_run_through_the_real_client(space):
+    """The real `huggingface_hub` client and a stand-in Hub on 127.0.0.1: the dry run's bytes go up, stale files go."""
+    token = "hf_secret_value_for_the_test"
+    with HubStandIn() as hub:
+        hub.state.files["old_module.py"] = b"left by an earlier deploy"
+        proc = deploy_cli(*SPACE_ARGS, timeout=300,
+                          env={"HF_ENDPOINT": hub.url, "HF_TOKEN": token, "HF_HUB_DISABLE_XET": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert token not in proc.stdout + proc.stderr
+    state = hub.state
+    assert state.repos["someone/sae-explorer"]["type"] == "space"
+    assert state.repos["someone/sae-explorer"]["sdk"] == "gradio"
+    assert len(state.commits) == 1 and state.hardware == "cpu-basic"
+    assert state.variables == {"SAE_HUB_REPOS": "someone/saes"}
+    assert set(state.files) == tree(space)
+    different = [p for p, data in state.files.items() if data != (space / p).read_bytes()]
+    assert not different, different[:5]
+    assert state.lfs, "no file went through LFS"
+    assert state.auth == {f"Bearer {token}"}
+    assert state.validated and state.validated[-1]["sdk_version"] == version("gradio")
