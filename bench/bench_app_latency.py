@@ -204,7 +204,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.model:
         app_args += ["--base-model", f"{model_name}={args.model}"]
     sys.path.insert(0, str(ROOT))
-    from app import AppStartError, serve_in_subprocess
+    from explorer.serve import AppStartError, serve_in_subprocess
 
     log_path = Path(tempfile.mkstemp(suffix=".log")[1])
     try:
@@ -236,7 +236,7 @@ def main(argv: list[str] | None = None) -> None:
         SECTION, "",
         f"Server-side time to analyse a {n_tok}-token story with `{model_name}` · `{hook}` · `{run}` · F={width}, "
         f"{args.requests} requests through `gradio_client` against a locally started `app.py` "
-        f"({args.warmup} warm-up requests not counted). Phases are the timings `sae.analysis` records per request.",
+        f"({args.warmup} warm-up requests not counted). Phases are the timings `explorer.analyze` records per request.",
         "",
         *(["`--synthetic`: random weights in tinystories-mini's shape (GPT-Neo, d_model 256, 4 blocks, vocab 4096) "
            "and a random SAE with ~3% of latents firing, because no trained checkpoint was available; the time "

@@ -49,11 +49,17 @@ def next_token_losses(logits: Tensor, input_ids: Tensor, attention_mask: Tensor 
 # ---------------------------------------------------------------------------------------- passes
 
 
-def clean_logits_and_residual(
-    bm: BaseModel, input_ids: Tensor, attention_mask: Tensor | None, layer: int | str
-) -> tuple[Tensor, Tensor, Any]:
-    """Clean logits [batch, seq, vocab], the residual [batch, seq, d] at the hook, and the hooked block's raw
-    output (its structure lets `skip_to_hook` imitate the block), from one full forward pass."""
+class CleanPass(NamedTuple):
+    logits: Tensor
+    """[batch, seq, vocab] of the unmodified model."""
+    residual: Tensor
+    """[batch, seq, d_model] at the hook."""
+    template: Any
+    """The hooked block's raw output: its structure lets `skip_to_hook` imitate the block."""
+
+
+def clean_pass(bm: BaseModel, input_ids: Tensor, attention_mask: Tensor | None, layer: int | str) -> CleanPass:
+    """Clean logits and the hook's residual from one full forward pass."""
     idx = _layer_index(bm, layer)
     captured: list[Any] = []
     handle = bm.blocks[idx].register_forward_hook(lambda m, a, out: captured.append(out))
@@ -62,7 +68,7 @@ def clean_logits_and_residual(
             logits = _forward(bm, input_ids, attention_mask).logits
     finally:
         handle.remove()
-    return logits, _hidden(captured[0]).clone(), captured[0]
+    return CleanPass(logits, _hidden(captured[0]).clone(), captured[0])
 
 
 @contextlib.contextmanager
@@ -72,7 +78,7 @@ def skip_to_hook(bm: BaseModel, layer: int | str, replacement: Tensor, template:
     found by a one-token pass)."""
     idx = _layer_index(bm, layer)
     if template is None:  # learn the block's output structure from a one-token pass
-        template = clean_logits_and_residual(bm, torch.zeros(1, 1, dtype=torch.long), None, idx)[2]
+        template = clean_pass(bm, torch.zeros(1, 1, dtype=torch.long), None, idx).template
     rest = tuple(template[1:]) if isinstance(template, (tuple, list)) else None
 
     def skipped(*args, **kwargs):
@@ -155,15 +161,16 @@ Replacements = Sequence[Tensor] | Callable[[Tensor], Sequence[Tensor]]
 
 def splice_losses(
     bm: BaseModel, input_ids: Tensor, attention_mask: Tensor | None, layer: int | str, replacements: Replacements,
-    budget: int = DEFAULT_SPLICE_BUDGET,
+    budget: int = DEFAULT_SPLICE_BUDGET, clean: CleanPass | None = None,
 ) -> SpliceLosses:
     """Per-position CE clean / with zeros / with each replacement, and KL(clean || replacement).
 
     `replacements` are Float[Tensor, "batch seq d_model"], or a function from the clean residual to them
-    (e.g. SAE reconstructions), which saves a separate pass to the hook.
+    (e.g. SAE reconstructions), which saves a separate pass to the hook. `clean`: the batch's `clean_pass`
+    when the caller already ran it.
     """
     idx = _layer_index(bm, layer)
-    clean, resid, template = clean_logits_and_residual(bm, input_ids, attention_mask, idx)
+    clean, resid, template = clean or clean_pass(bm, input_ids, attention_mask, idx)
     with torch.inference_mode():
         reps = list(replacements(resid) if callable(replacements) else replacements)
     mask = next_token_mask(input_ids, attention_mask).to(clean.device)

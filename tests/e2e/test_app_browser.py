@@ -23,7 +23,7 @@ ROOT = Path(__file__).resolve().parents[2]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from app import AppStartError, serve_in_subprocess  # noqa: E402
+from explorer.serve import AppStartError, serve_in_subprocess  # noqa: E402
 from sae.architectures import build_sae  # noqa: E402
 from sae.base_model import gpt2_tokenizer, load_base_model, residual_at  # noqa: E402
 from sae.checkpoint import sae_folder, save_sae, step_folder  # noqa: E402

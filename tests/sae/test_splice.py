@@ -7,7 +7,7 @@ from transformers import GPT2Config, GPT2LMHeadModel, GPTNeoConfig, GPTNeoForCau
 
 from sae.base_model import gpt2_tokenizer, load_base_model, logits_with_replacement, residual_at
 from sae.splice import (
-    clean_logits_and_residual,
+    clean_pass,
     downstream_losses,
     next_token_losses,
     splice_losses,
@@ -51,7 +51,7 @@ def batch(tok):
 @pytest.mark.parametrize("layer", [0, 1])
 def test_skipping_the_blocks_before_the_hook_is_exact(bm, batch, layer):
     ids, mask = batch
-    clean, resid, template = clean_logits_and_residual(bm, ids, mask, layer)
+    clean, resid, template = clean_pass(bm, ids, mask, layer)
     torch.testing.assert_close(clean, logits_with_replacement(bm, ids, mask, layer, None))
     torch.testing.assert_close(resid, residual_at(bm, ids, mask, layer))
     noisy = resid + 0.3 * torch.randn_like(resid)

@@ -1,4 +1,4 @@
-"""sae/analysis.py on a tiny random GPT-Neo and random SAEs built here (fast: no checkpoints needed)."""
+"""explorer: analyze, latents, catalog and cache on a tiny random GPT-Neo and random SAEs built here (fast)."""
 
 import math
 
@@ -6,25 +6,20 @@ import pytest
 import torch
 from conftest import save_tiny_gpt_neo
 
-from sae.analysis import (
-    MAX_CHARS,
-    AnalysisError,
-    CheckpointCatalog,
-    ModelCache,
-    Source,
-    analyze_text,
-    check_compatible,
-    clean_text,
-    compare_saes,
+from explorer.analyze import MAX_CHARS, analyze_text, check_compatible, clean_text, compare_saes
+from explorer.cache import ModelCache
+from explorer.catalog import CheckpointCatalog, Source
+from explorer.errors import AnalysisError
+from explorer.latents import (
     decoder_logit_effects,
     latent_values,
     latents_at_token,
     second_view_values,
     token_info,
     token_infos,
-    tokens_html,
     top_latents,
 )
+from explorer.render import tokens_html
 from sae.architectures import build_sae
 from sae.base_model import load_base_model, logits_with_replacement, residual_at
 from sae.checkpoint import sae_folder, save_sae
@@ -260,7 +255,8 @@ def test_cache_loads_once(tmp_path, model_dir):
     m1, s1 = cache.base_model(str(model_dir)), cache.sae(folder)
     assert cache.base_model(str(model_dir)) is m1
     assert cache.sae(str(folder)) is s1
-    assert cache.latent_stats(folder) is None
+    missing = cache.latent_stats(folder)
+    assert missing.stats is None and "no latent_stats.safetensors" in missing.problem
     with pytest.raises(AnalysisError, match="Could not load the SAE"):
         cache.sae(tmp_path / "nope")
     with pytest.raises(AnalysisError, match="base model"):
@@ -308,7 +304,7 @@ def test_catalog_excludes_toy_and_finds_model(tmp_path, model_dir):
 def test_hub_failure_is_a_fast_notice(monkeypatch):
     import time
 
-    from sae.analysis import fetch_hub_sources
+    from explorer.catalog import fetch_hub_sources
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     t0 = time.monotonic()
@@ -318,10 +314,11 @@ def test_hub_failure_is_a_fast_notice(monkeypatch):
 
 
 def test_app_starts_without_checkpoints_and_with_a_bad_hub_repo(tmp_path, monkeypatch, model_dir):
-    """app.py's startup path (no server): CLI/env parsing, Hub notice, local checkpoints still listed, UI builds."""
+    """The app's startup path (no server): CLI/env parsing, Hub notice, local checkpoints still listed, UI builds."""
     import shutil
 
-    import app
+    from explorer import serve as app
+    from explorer.ui import build_ui
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("PORT", "7999")
@@ -331,11 +328,11 @@ def test_app_starts_without_checkpoints_and_with_a_bad_hub_repo(tmp_path, monkey
     ex = app.make_explorer(args)
     assert any("nobody/no-such-sae-repo" in n for n in ex.notices)
     assert "No language-model SAE checkpoints found" in ex.banner()
-    app.build_ui(ex)
+    build_ui(ex)
 
     root = tmp_path / "ckpts"
     shutil.copytree(model_dir, root / "tiny-neo")
     save_sae(_sae(64), sae_folder(root, "tiny-neo", HOOK, "standard", 64))
     ex = app.make_explorer(app.parse_args(["--checkpoints", str(root), "--hub-timeout", "10"]))
     assert [e.info.d_sae for e in ex.catalog.entries] == [64] and ex.notices
-    app.build_ui(ex)
+    build_ui(ex)
