@@ -116,7 +116,8 @@ class CheckpointCatalog:
                 if owner.setdefault(key, src) != src:
                     key = f"{info.model_name} [{src.label}]"
                 self.entries.append(Entry(info, src, key))
-            self.failures += unlisted_folders(src.root, {e.info.path for e in self.entries})
+            seen = {e.info.path for e in self.entries} | {f.path for f in self.failures}
+            self.failures += unlisted_folders(src.root, seen)
             toy_root = src.root / "toy"
             if toy_root.is_dir():
                 for d in sorted(toy_root.iterdir()):
