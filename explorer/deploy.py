@@ -178,7 +178,8 @@ def run(cfg: DeployConfig, root: Path = PROJECT_ROOT) -> None:
     try:
         plan = plan_space(cfg, root)
         for module in plan.unresolved_imports:
-            print(f"note: `{module}` is imported but not installed here, so requirements.txt does not pin it",
+            print(f"note: `{module}` is imported but not installed here (an optional import?), so requirements.txt "
+                  "does not list it",
                   file=sys.stderr)
         what = f"{len(plan.paths())} files, {plan.total_bytes() / 1e6:.1f} MB, {plan.n_saes} SAE checkpoints"
         if cfg.dry_run is not None:

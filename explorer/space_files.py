@@ -2,23 +2,20 @@
 
 The code is found by following the imports of the entry point through the project's own packages
 (so a new module of `explorer/` or `sae/` ships as soon as the app imports it, and nothing the app does
-not import ships at all: no training code, tests or benchmarks). The checkpoints are the folders the
-app's catalog reads: every SAE folder (intermediate `steps/` included, the app offers them), the files
-`transformers` loads from each base-model folder, and what the toy tab shows of each toy folder. Model
-cards, training logs, plots of training runs and resumable trainer state stay behind.
+not import ships at all: no training code, tests or benchmarks). The checkpoints are what the app's own
+catalog (`explorer.catalog`) offers: every SAE folder it lists (intermediate `steps/` included), the
+files `transformers` loads from the base-model folder of each, and what the toy tab shows of each toy
+folder. Model cards, training logs, plots of training runs and resumable trainer state stay behind.
 """
 
 from __future__ import annotations
 
 import ast
 import fnmatch
-import json
 import sys
 from collections.abc import Iterable
 from pathlib import Path
 from typing import NamedTuple
-
-from sae.checkpoint import STEPS_DIR, list_checkpoints
 
 APP_FILE = "app.py"
 CHECKPOINTS_DIR = "checkpoints"
@@ -32,7 +29,6 @@ BASE_MODEL_PATTERNS = (
     "*.safetensors.index.json",
 )  # fmt: skip
 """Files `from_pretrained` reads from a Hugging Face model folder (its card and training logs are not read)."""
-TOY_DIR = "toy"
 TOY_SHOWN = ("features.png", "training.gif", "metrics.json", "toy_model.json", "toy_model.safetensors")
 """What the toy tab finds and shows of a toy folder (the per-instance SAEs and logs are not read)."""
 
@@ -162,35 +158,33 @@ def import_graph(root: Path, entry: str = APP_FILE) -> ImportGraph:
 # ---------------------------------------------------------------------------------------- checkpoints
 
 
-def _is_base_model_folder(folder: Path) -> bool:
-    try:
-        return "model_type" in json.loads((folder / "config.json").read_text())
-    except (OSError, ValueError, TypeError):
-        return False
+def _base_model_files(source: str, ckpt_root: Path) -> set[Path]:
+    """The files to ship for one base-model source of the catalog: none for a Hub id (the Space downloads it)."""
+    folder = Path(source)
+    if source.startswith("random:") or not folder.is_dir():
+        if Path(source.removeprefix("random:")).exists():
+            raise DeployError(f"an SAE's base model {source} lies outside {ckpt_root}: the Space would not have it")
+        return set()
+    if not folder.resolve().is_relative_to(ckpt_root):
+        raise DeployError(f"an SAE's base model {folder} lies outside {ckpt_root}: the Space would not have it")
+    return {f for f in folder.iterdir() if f.is_file() and any(fnmatch.fnmatch(f.name, p) for p in BASE_MODEL_PATTERNS)}
 
 
 def served_checkpoint_files(ckpt_root: Path) -> tuple[list[Path], int]:
-    """(the files under `ckpt_root` the app reads, number of SAE folders among them)."""
+    """(the files under `ckpt_root` the app's catalog serves, number of SAE checkpoints among them)."""
+    from explorer.catalog import CheckpointCatalog, Source
+
+    ckpt_root = ckpt_root.resolve()
+    catalog = CheckpointCatalog([Source(ckpt_root, "local")])
     files: set[Path] = set()
-    # toy instances are SAE folders too, but the app shows toy folders as pictures, not as checkpoints
-    saes = [i for i in list_checkpoints(ckpt_root) if i.path.relative_to(ckpt_root).parts[0] != TOY_DIR]
-    for info in saes:
-        for f in info.path.iterdir():
-            if f.is_file() and not f.name.startswith((".", *RUN_STATE_PREFIXES)):
-                files.add(f)
-    sae_dirs = {info.path for info in saes}
-    for cfg in ckpt_root.rglob("config.json"):
-        folder = cfg.parent
-        if folder in sae_dirs or STEPS_DIR in folder.relative_to(ckpt_root).parts or not _is_base_model_folder(folder):
-            continue
-        files |= {f for f in folder.iterdir() if f.is_file() and any(fnmatch.fnmatch(f.name, p)
-                                                                     for p in BASE_MODEL_PATTERNS)}
-    toy_root = ckpt_root / TOY_DIR
-    if toy_root.is_dir():
-        for folder in toy_root.iterdir():
-            if folder.is_dir() and not folder.name.startswith("."):
-                files |= {folder / n for n in TOY_SHOWN if (folder / n).is_file()}
-    return sorted(files), len(saes)
+    for entry in catalog.entries:  # final and intermediate-step SAE folders alike: the app offers both
+        files |= {f for f in entry.info.path.iterdir()
+                  if f.is_file() and not f.name.startswith((".", *RUN_STATE_PREFIXES))}
+    for source in sorted({catalog.base_model_source(e) for e in catalog.entries}):
+        files |= _base_model_files(source, ckpt_root)
+    for folder in catalog.toy_folders:
+        files |= {folder / n for n in TOY_SHOWN if (folder / n).is_file()}
+    return sorted(files), len(catalog.entries)
 
 
 def space_files(root: Path, entry: str = APP_FILE) -> SpaceFiles:

@@ -197,7 +197,10 @@ def test_the_space_folder_runs_on_its_own(space):
             except OSError:
                 assert time.time() < deadline, f"the Space's app did not start:\n{log_path.read_text()[-3000:]}"
                 time.sleep(0.5)
-        out = Client(url, verbose=False).predict(STORY, api_name="/analyze")
+        client = Client(url, verbose=False)
+        params = client.view_api(return_format="dict", print_info=False)["named_endpoints"]["/analyze"]["parameters"]
+        story_param = next(p["parameter_name"] for p in params if p["component"] == "Textbox")
+        out = client.predict(api_name="/analyze", **{story_param: STORY})  # the other inputs keep their defaults
     finally:
         proc.terminate()
         proc.wait(20)
