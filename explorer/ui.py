@@ -255,7 +255,7 @@ def sequenced(ex: Explorer, C: dict[str, Any], fn: Callable[..., dict], outputs:
     """An analysis event: its first input is the browser's request number; a result that is no longer the
     newest of its session is dropped (every output skipped)."""
 
-    def run(seq: float | None, *args: Any, request: gr.Request) -> dict[Any, Any]:
+    def run(request: gr.Request, seq: float | None, *args: Any) -> dict[Any, Any]:
         session = getattr(request, "session_hash", None) or "api"
         n = ex.sequencer.begin(session, "analyze", seq)
         out = fn(*args)
@@ -325,11 +325,11 @@ def wire_load(ex: Explorer, C: dict[str, Any], demo: gr.Blocks) -> None:
     load_names = ("text", *SELECTORS, *AN_OUTPUTS)
     page = gpu_task(lambda params, *a: H.page_load(ex, params, *a))
 
-    def on_load(seq: float | None, *args: Any, request: gr.Request) -> dict[Any, Any]:
+    def on_load(request: gr.Request, seq: float | None, *args: Any) -> dict[Any, Any]:
         for n in ex.notices:
             gr.Warning(n)
         params = dict(request.query_params) if request is not None else {}
-        return sequenced(ex, C, lambda *a: page(params, *a), load_names)(seq, *args, request=request)
+        return sequenced(ex, C, lambda *a: page(params, *a), load_names)(request, seq, *args)
 
     demo.load(on_load, comps(C, ["seq", *AN_INPUTS]), comps(C, load_names), api_name=False, js=SEQ_JS)
     demo.load(lambda folder: emit(C, H.show_toy(folder)), [C["toy_dd"]], comps(C, TOY_OUTPUTS), api_name=False)
