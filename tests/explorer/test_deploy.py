@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -16,6 +15,7 @@ import pytest
 from hub_standin import HubStandIn
 
 from explorer.deploy import PROJECT_ROOT, DeployConfig, plan_space
+from explorer.serve import free_port
 from explorer.space_card import TORCH_CPU_INDEX, ZEROGPU_PYTHON_VERSIONS, read_front_matter
 from explorer.space_files import DeployError, import_graph, served_checkpoint_files
 from sae.checkpoint import list_checkpoints
@@ -163,12 +163,6 @@ def test_binaries_over_10mb_and_every_image_or_weight_go_through_lfs():
                            check=True, input="\0".join(big_binaries + typed).encode()).stdout.decode().split("\0")
     uncovered = [attrs[i] for i in range(0, len(attrs) - 2, 3) if attrs[i + 2] != "lfs"]
     assert not uncovered, f"not routed through LFS by .gitattributes: {uncovered[:5]}"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_the_space_folder_runs_on_its_own(space):
