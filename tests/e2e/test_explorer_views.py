@@ -12,9 +12,9 @@ import urllib.parse
 from pathlib import Path
 
 import pytest
-from test_app_browser import CHROMIUM, HOOK, MODEL, SHOTS, WIDTHS, build_fixture
 
 from explorer.serve import AppStartError, serve_in_subprocess
+from tests.e2e.test_app_browser import CHROMIUM, HOOK, MODEL, SHOTS, WIDTHS, build_fixture
 
 STORY = "The little fox found a blue stone. She showed it to her friend the owl."
 ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",

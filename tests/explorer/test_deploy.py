@@ -12,13 +12,13 @@ from importlib.metadata import version
 from pathlib import Path
 
 import pytest
-from hub_standin import HubStandIn
 
 from explorer.deploy import PROJECT_ROOT, DeployConfig, plan_space
 from explorer.serve import free_port
 from explorer.space_card import TORCH_CPU_INDEX, ZEROGPU_PYTHON_VERSIONS, read_front_matter
 from explorer.space_files import DeployError, import_graph, served_checkpoint_files
 from sae.checkpoint import list_checkpoints
+from tests.explorer.hub_standin import HubStandIn
 
 STORY = "Once upon a time, there was a little girl named Lily. She loved to play outside with her dog."
 SPACE_LIMIT_BYTES = 80_000_000

@@ -220,3 +220,13 @@ def test_two_sources_are_held_out_separately_and_exported_in_fp16(stories_file, 
     reported = summary["held_out"][next(k for k in summary["held_out"] if k.endswith("second.txt"))]
     assert reported["stories"] == 2 and reported["tokens"] == recomputed.tokens
     assert reported["mean_loss"] == pytest.approx(recomputed.mean_loss, abs=2e-3)  # fp32 export vs fp16 reload
+
+
+def test_retraining_keeps_the_sae_trees_beside_the_model(stories_file, tmp_path):
+    args = tiny_args(stories_file, tmp_path, "keep", steps=3)
+    out = tmp_path / "keep" / "out"
+    (out / "blocks.1.hook_resid_post" / "standard" / "F8").mkdir(parents=True)
+    (out / "blocks.1.hook_resid_post" / "standard" / "F8" / "cfg.json").write_text("{}")
+    base_lm_main(args)
+    assert (out / "blocks.1.hook_resid_post" / "standard" / "F8" / "cfg.json").read_text() == "{}"
+    assert (out / "model.safetensors").is_file()

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import csv
 import json
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -57,7 +58,16 @@ def export(cfg: BaseLMConfig, model, tok, log: list[dict[str, Any]], summary: di
         notes = Path(cfg.card_notes).read_text() if cfg.card_notes else ""
         (tmp / "README.md").write_text(model_card(cfg, model, tok, summary) + notes)
 
-    write_folder_atomically(out, write, keep=())
+    # SAE trees (hook folders) beside the model are the user's work: keep them, and say they are stale
+    existing = list(out.iterdir()) if out.is_dir() else []
+    sae_trees = tuple(p.name for p in existing if p.is_dir() and not p.name.startswith("."))
+    write_folder_atomically(out, write, keep=sae_trees)
+    if sae_trees:
+        print(
+            f"kept {', '.join(sae_trees)} in {out}: those SAEs were trained on the previous weights; "
+            "retrain them (python -m training tinystories) before using them with this model",
+            file=sys.stderr,
+        )
 
 
 def plot_losses(log: list[dict[str, Any]], path: Path, best_step: int) -> None:
