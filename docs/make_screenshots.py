@@ -4,7 +4,7 @@ Starts the app on `checkpoints/`, opens a deep link (story, checkpoint, latent),
 links, the intervention and the deep-link views into `test-output/screenshots/docs-*.png`; each is then
 saved as a small palette PNG (< 300 KB) in `docs/`.
 
-    python docs/make_screenshots.py [--latent 86] [--run standard] [--width 100]
+    python docs/make_screenshots.py [--latent 25] [--run standard] [--width 100]
 """
 
 from __future__ import annotations
@@ -20,19 +20,15 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 SHOTS = ROOT / "test-output" / "screenshots"
 MAX_BYTES = 300_000
-STORY = ("Once upon a time, there was a little girl named Lily. She loved to play outside in the sunshine. "
-         "One day, she saw a big red ball in the park. She ran to the ball and kicked it high into the sky.")
+from docs.worked_example import STORY, add_checkpoint_args  # noqa: E402 (the same story and flags)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     head, _, rest = __doc__.partition("\n\n")
     p = argparse.ArgumentParser(description=head, epilog=rest, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--checkpoints", default=str(ROOT / "checkpoints"))
-    p.add_argument("--model", default="tinystories-mini")
-    p.add_argument("--hook", default="blocks.1.hook_resid_post")
-    p.add_argument("--run", default="standard")
+    add_checkpoint_args(p)
     p.add_argument("--width", type=int, default=100)
-    p.add_argument("--latent", type=int, default=86)
+    p.add_argument("--latent", type=int, default=25)
     p.add_argument("--chromium", default=os.environ.get("CHROMIUM_PATH", "/usr/bin/chromium"))
     return p.parse_args(argv)
 

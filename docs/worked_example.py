@@ -18,13 +18,18 @@ STORY = ("Once upon a time, there was a little girl named Lily. She loved to pla
          "One day, she saw a big red ball in the park. She ran to the ball and kicked it high into the sky.")
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    head, _, rest = __doc__.partition("\n\n")
-    p = argparse.ArgumentParser(description=head, epilog=rest, formatter_class=argparse.RawDescriptionHelpFormatter)
+def add_checkpoint_args(p: argparse.ArgumentParser) -> None:
+    """The flags that pick the checkpoint tree, base model, hook and run (shared with make_screenshots)."""
     p.add_argument("--checkpoints", default=str(ROOT / "checkpoints"))
     p.add_argument("--model", default="tinystories-mini")
     p.add_argument("--hook", default="blocks.1.hook_resid_post")
     p.add_argument("--run", default="standard")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    head, _, rest = __doc__.partition("\n\n")
+    p = argparse.ArgumentParser(description=head, epilog=rest, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_checkpoint_args(p)
     p.add_argument("--width", type=int, default=100, help="the width whose latent is followed (default 100)")
     p.add_argument("--latent", type=int, default=None, help="default: the latent with the largest activation")
     p.add_argument("--text", default=STORY)
