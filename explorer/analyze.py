@@ -21,6 +21,7 @@ import torch
 from torch import Tensor
 
 from explorer.errors import AnalysisError
+from sae import layout
 from sae.architectures import SparseAutoencoder
 from sae.base_model import BaseModel, hook_name, parse_hook_name, residual_at
 from sae.metrics import ReconstructionStats, ce_loss_score, per_token_sq_error
@@ -28,8 +29,7 @@ from sae.splice import clean_pass, splice_losses
 
 MAX_CHARS = 5_000
 """Longest text (after cleaning) the app analyses."""
-DOWNSTREAM_KEYS = ("ce_loss_without_sae", "ce_loss_with_sae", "ce_loss_with_ablation", "ce_loss_score",
-                   "kl_div_with_sae")
+DOWNSTREAM_KEYS = layout.DOWNSTREAM_KEYS
 """metrics.json keys of the downstream losses (NaN when they are skipped)."""
 
 
@@ -258,10 +258,10 @@ def _run_locked(
             x_hat = sae.decode(latents).float().cpu()
             latents = latents.float().cpu()
         stats = ReconstructionStats().update(x, x_hat, latents).compute()
-        keep = ("mse", "variance_explained", "cossim", "l2_ratio", "l0")
+        keep = (layout.MSE, layout.VARIANCE_EXPLAINED, layout.COSSIM, layout.L2_RATIO, layout.L0)
         metrics = {k: float(v) for k, v in stats.items() if k in keep}
         if len(ids_list) < 2:  # the variance about the mean of one vector is zero
-            metrics["variance_explained"] = float("nan")
+            metrics[layout.VARIANCE_EXPLAINED] = float("nan")
         metrics["n_tokens"] = float(len(ids_list))
         per_sae.append((latents, x_hat, per_token_sq_error(x, x_hat), metrics, _ms(t0)))
 

@@ -16,6 +16,7 @@ from typing import Any, NamedTuple
 from safetensors import safe_open
 
 from explorer.errors import AnalysisError
+from sae import layout
 from sae.checkpoint import (
     CFG_FILE,
     METRICS_FILE,
@@ -122,7 +123,7 @@ class CheckpointCatalog:
             if toy_root.is_dir():
                 for d in sorted(toy_root.iterdir()):
                     if d.is_dir() and not d.name.startswith(".") and any(
-                        (d / f).is_file() for f in ("toy_model.json", METRICS_FILE, "features.png")
+                        (d / f).is_file() for f in (layout.TOY_CONFIG_FILE, METRICS_FILE, layout.TOY_FEATURES_PLOT)
                     ):
                         self.toy_folders.append(d)
 
@@ -228,7 +229,7 @@ def fetch_hub_sources(repo_ids: Sequence[str], timeout: float = 20.0) -> tuple[l
 
 def _read_metadata(folder: Path) -> dict[str, Any]:
     try:
-        raw = read_json(folder / "cfg.json")
+        raw = read_json(folder / layout.CFG_FILE)
     except CheckpointError:
         return {}
     return dict(raw.get("metadata") or {}) if isinstance(raw, dict) else {}

@@ -11,8 +11,9 @@ import pandas as pd
 from matplotlib.figure import Figure
 
 from explorer.render import fmt
+from sae import layout
 
-LOSS_CURVES_FILE = "loss_curves.csv"
+LOSS_CURVES_FILE = layout.LOSS_CURVES_FILE
 CURVE_TERMS = ("loss", "mse", "l0", "frac_dead")
 """loss_curves.csv columns plotted in the compare tab (when present): the "four regimes" picture."""
 

@@ -30,6 +30,7 @@ from explorer.render import (
     tokens_html,
 )
 from explorer.state import Explorer, parse_deep_link, step_choices
+from sae import layout
 
 log = logging.getLogger("sae-explorer")
 WARNING = "_warning"
@@ -116,7 +117,7 @@ def ckpt_text(entry: Entry) -> str:
             f"{'final' if i.step is None else f'step {i.step:,}'} · source: {entry.source.label}"]
     if trained:
         ev = [f"{name} {fmt(lookup_metric(trained, k))}" for k, name in
-              (("variance_explained", "var. expl."), ("l0", "L0"), ("ce_loss_score", "CE score"))
+              ((layout.VARIANCE_EXPLAINED, "var. expl."), (layout.L0, "L0"), (layout.CE_LOSS_SCORE, "CE score"))
               if isinstance(lookup_metric(trained, k), (int, float))]
         if ev:
             bits.append("eval set: " + " · ".join(ev))
@@ -223,8 +224,14 @@ def selectors(ex: Explorer, model: str | None, hook: str | None, run: str | None
     return (Choices(models, model), Choices(hooks, hook), Choices(runs, run), Choices(widths, f), Choices(steps, step))
 
 
-ON_TEXT_COLUMNS = (("mse", "MSE"), ("variance_explained", "VE"), ("cossim", "cossim"), ("l0", "L0"),
-                   ("ce_loss_with_sae", "CE with SAE"), ("ce_loss_score", "CE score"), ("kl_div_with_sae", "KL"))
+EVAL_COLUMNS = (
+    (layout.VARIANCE_EXPLAINED, "VE"), (layout.L0, "L0"),
+    (layout.FRAC_DEAD, "dead"), (layout.CE_LOSS_SCORE, "CE score"),
+)
+ON_TEXT_COLUMNS = (
+    (layout.MSE, "MSE"), (layout.VARIANCE_EXPLAINED, "VE"), (layout.COSSIM, "cossim"), (layout.L0, "L0"),
+    (layout.CE_LOSS_WITH_SAE, "CE with SAE"), (layout.CE_LOSS_SCORE, "CE score"), (layout.KL_DIV_WITH_SAE, "KL"),
+)
 
 
 def compare(ex: Explorer, text: str, model: str, hook: str) -> dict[str, Any]:
@@ -253,8 +260,7 @@ def compare(ex: Explorer, text: str, model: str, hook: str) -> dict[str, Any]:
             "run": e.info.run, "F": e.info.d_sae, "arch": e.info.architecture,
             **{name: round_metric(m.get(k)) if isinstance(m.get(k), float) and math.isfinite(m[k]) else None
                for k, name in ON_TEXT_COLUMNS},
-            **{f"eval {name}": round_metric(lookup_metric(trained, k)) for k, name in
-               (("variance_explained", "VE"), ("l0", "L0"), ("frac_dead", "dead"), ("ce_loss_score", "CE score"))},
+            **{f"eval {name}": round_metric(lookup_metric(trained, k)) for k, name in EVAL_COLUMNS},
         })
     out["compare_df"] = pd.DataFrame(rows)
     return out
@@ -265,7 +271,7 @@ def show_toy(folder: str | None) -> dict[str, Any]:
         return {}
     p = Path(folder)
     summary, inst = toy_tables(read_metrics(p))
-    feats, gif = p / "features.png", p / "training.gif"
+    feats, gif = p / layout.TOY_FEATURES_PLOT, p / layout.TOY_TRAINING_GIF
     return {"toy_features": str(feats) if feats.is_file() else None,
             "toy_gif": str(gif) if gif.is_file() else None, "toy_summary": summary, "toy_inst": inst}
 

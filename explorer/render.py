@@ -12,19 +12,20 @@ from typing import Any, Protocol
 from torch import Tensor
 
 from explorer.catalog import lookup_metric
+from sae import layout
 from sae.latent_stats import LatentStats
 
 METRIC_ROWS = [
-    ("mse", "MSE", "mean over tokens and dimensions of (x̂ − x)²"),
-    ("variance_explained", "variance explained", "1 − Σ‖x − x̂‖² / Σ‖x − mean x‖² over this text's tokens"),
-    ("cossim", "cosine(x, x̂)", "mean cosine similarity of activation and reconstruction"),
-    ("l2_ratio", "‖x̂‖ / ‖x‖", "below 1 means shrinkage"),
-    ("l0", "L0", "mean number of latents firing per token"),
-    ("ce_loss_without_sae", "CE clean", "next-token cross-entropy of the unmodified model (nats)"),
-    ("ce_loss_with_sae", "CE with SAE", "the SAE's reconstruction spliced in at the hook"),
-    ("ce_loss_with_ablation", "CE with zeros", "zeros spliced in at the hook"),
-    ("ce_loss_score", "CE loss score", "(zeros − SAE) / (zeros − clean): 1 = nothing lost"),
-    ("kl_div_with_sae", "KL(clean ‖ SAE)", "mean over next-token positions"),
+    (layout.MSE, "MSE", "mean over tokens and dimensions of (x̂ − x)²"),
+    (layout.VARIANCE_EXPLAINED, "variance explained", "1 − Σ‖x − x̂‖² / Σ‖x − mean x‖² over this text's tokens"),
+    (layout.COSSIM, "cosine(x, x̂)", "mean cosine similarity of activation and reconstruction"),
+    (layout.L2_RATIO, "‖x̂‖ / ‖x‖", "below 1 means shrinkage"),
+    (layout.L0, "L0", "mean number of latents firing per token"),
+    (layout.CE_LOSS_WITHOUT_SAE, "CE clean", "next-token cross-entropy of the unmodified model (nats)"),
+    (layout.CE_LOSS_WITH_SAE, "CE with SAE", "the SAE's reconstruction spliced in at the hook"),
+    (layout.CE_LOSS_WITH_ABLATION, "CE with zeros", "zeros spliced in at the hook"),
+    (layout.CE_LOSS_SCORE, "CE loss score", "(zeros − SAE) / (zeros − clean): 1 = nothing lost"),
+    (layout.KL_DIV_WITH_SAE, "KL(clean ‖ SAE)", "mean over next-token positions"),
 ]
 
 CSS = """

@@ -17,6 +17,8 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import NamedTuple
 
+from sae import layout
+
 APP_FILE = "app.py"
 CHECKPOINTS_DIR = "checkpoints"
 NEVER_SHIPPED_PACKAGES = ("training", "tests", "bench")
@@ -29,7 +31,10 @@ BASE_MODEL_PATTERNS = (
     "*.safetensors.index.json",
 )  # fmt: skip
 """Files `from_pretrained` reads from a Hugging Face model folder (its card and training logs are not read)."""
-TOY_SHOWN = ("features.png", "training.gif", "metrics.json", "toy_model.json", "toy_model.safetensors")
+TOY_SHOWN = (
+    layout.TOY_FEATURES_PLOT, layout.TOY_TRAINING_GIF, layout.METRICS_FILE,
+    layout.TOY_CONFIG_FILE, layout.TOY_MODEL_FILE,
+)
 """What the toy tab finds and shows of a toy folder (the per-instance SAEs and logs are not read)."""
 
 
