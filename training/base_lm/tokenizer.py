@@ -36,14 +36,8 @@ def check_byte_level(tok) -> None:
 
 
 def encode_stories(tok, stories: list[str]) -> list[list[int]]:
-    """Token ids of each story followed by `<|endoftext|>`."""
-    from transformers.utils import logging as hf_logging
+    """Token ids of each story followed by `<|endoftext|>` (stories longer than the context are fine: packed)."""
+    from training.lm_eval import encode_quietly
 
     eot = tok.convert_tokens_to_ids(EOT)
-    verbosity = hf_logging.get_verbosity()
-    hf_logging.set_verbosity_error()  # stories longer than model_max_length are fine: they are packed
-    try:
-        encoded = tok(stories, add_special_tokens=False)["input_ids"]
-    finally:
-        hf_logging.set_verbosity(verbosity)
-    return [[*ids, eot] for ids in encoded]
+    return [[*ids, eot] for ids in encode_quietly(tok, stories)]
