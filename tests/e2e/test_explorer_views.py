@@ -67,14 +67,22 @@ def _analyze(page, text: str) -> None:
     page.locator("#analyze-btn").click()
 
 
+def _analyzed_page(browser, url: str):
+    """A fresh page on which STORY has been analysed."""
+    from playwright.sync_api import expect
+
+    page = _page(browser, url)
+    _analyze(page, STORY)
+    expect(page.locator("#status-box")).to_contain_text("Analysed", timeout=30_000)
+    expect(page.locator("#tokens-view")).to_contain_text("fox")
+    return page
+
+
 @pytest.mark.e2e
 def test_width_links(browser, app):
     from playwright.sync_api import expect
 
-    page = _page(browser, app[0])
-    _analyze(page, STORY)
-    expect(page.locator("#status-box")).to_contain_text("Analysed", timeout=30_000)
-    expect(page.locator("#tokens-view")).to_contain_text("fox")
+    page = _analyzed_page(browser, app[0])
     latent = page.locator("#latent-num input").input_value()
     page.get_by_role("tab", name="Across widths").click()
     page.locator("#links-btn").click()
@@ -96,10 +104,7 @@ def test_width_links(browser, app):
 def test_interventions(browser, app):
     from playwright.sync_api import expect
 
-    page = _page(browser, app[0])
-    _analyze(page, STORY)
-    expect(page.locator("#status-box")).to_contain_text("Analysed", timeout=30_000)
-    expect(page.locator("#tokens-view")).to_contain_text("fox")
+    page = _analyzed_page(browser, app[0])
     page.get_by_role("tab", name="Intervene").click()
     page.locator("#iv-op").get_by_text("steer", exact=True).click()
     page.locator("#iv-value input").fill("40")
