@@ -44,12 +44,12 @@ from torch import Tensor
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # our sae/ and training/ from the repo
 
-from sae.base_model import BaseModel, load_base_model, logits_with_replacement, next_token_mask, residual_at
+from sae.base_model import BaseModel, load_base_model, logits_with_replacement, residual_at
 from sae.metrics import ReconstructionStats, ce_loss_score, kl_div, next_token_ce
-from training.activations import ActivationBuffer
+from sae.splice import next_token_mask
+from training.activations import ActivationBuffer, harvest_stories
 from training.evaluate import EvalConfig, EvalSet, eval_set
 from training.stories import default_stories_path, load_stories, split_stories
-from training.tinystories_cli import harvest
 from training.trainer import MultiSAETrainer
 from training.trainer_config import TrainerConfig, activation_scale, build_specs, parse_width
 
@@ -103,7 +103,7 @@ def load_data(bm: BaseModel, stories: list[str], layer: int, cache_dir: Path, ke
     if path.is_file():
         acts = load_file(str(path))["acts"]
     else:
-        acts = harvest(bm, stories, layer, bm.context_size, batch_size=8, progress=False)
+        acts = harvest_stories(bm, stories, layer, bm.context_size, batch_size=8, progress=False)
         cache_dir.mkdir(parents=True, exist_ok=True)
         save_file({"acts": acts.contiguous()}, str(path))
     mean = acts.mean(0)

@@ -16,13 +16,15 @@ from torch import nn
 from sae.architectures import SparseAutoencoder
 
 
-def make_adam(params: Iterable[nn.Parameter], lr: float, betas: tuple[float, float]) -> torch.optim.Adam:
+def make_adam(
+    params: Iterable[nn.Parameter], lr: float, betas: tuple[float, float], eps: float = 1e-8
+) -> torch.optim.Adam:
     """Adam with the fused kernel, or the foreach one where fused is unavailable (device/dtype)."""
     params = list(params)
     try:
-        return torch.optim.Adam(params, lr=lr, betas=betas, fused=True)
+        return torch.optim.Adam(params, lr=lr, betas=betas, eps=eps, fused=True)
     except (RuntimeError, ValueError):
-        return torch.optim.Adam(params, lr=lr, betas=betas, foreach=True)
+        return torch.optim.Adam(params, lr=lr, betas=betas, eps=eps, foreach=True)
 
 
 def set_lr(opt: torch.optim.Optimizer, lr: float) -> None:

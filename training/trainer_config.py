@@ -73,6 +73,9 @@ class TrainerConfig:
     """Adam beta1."""
     adam_beta2: float = 0.999
     """Adam beta2."""
+    adam_eps: float = 1e-8
+    """Adam epsilon on SAELens's loss scale (the loss summed over d_in, like grad_clip_norm): the optimizer gets
+    adam_eps / d_in, so its updates are those of Adam on the summed loss with this epsilon."""
     sparsity_coeff: float | None = None
     """Sparsity coefficient (L1 for standard/gated, L0 for jumprelu; variants may override it).
     None: DEFAULT_SPARSITY[architecture] / d_in (standard 2 / d_in, gated 5 / d_in, jumprelu's L0 0.5 / d_in)."""

@@ -65,7 +65,8 @@ def make_member(cfg: TrainerConfig, spec: SAESpec) -> Member:
             if spec.cfg.free_decoder and sae._W_dec is not None:
                 sae._W_dec.mul_(init)
     sae.train()
-    opt = make_adam(sae.parameters(), cfg.lr, (cfg.adam_beta1, cfg.adam_beta2))
+    # Our loss is SAELens's / d_in, so are the gradients: epsilon scales with them.
+    opt = make_adam(sae.parameters(), cfg.lr, (cfg.adam_beta1, cfg.adam_beta2), cfg.adam_eps / spec.cfg.d_in)
     f = spec.cfg.d_sae
     return Member(spec, sae, opt, torch.Generator().manual_seed(member_seed(cfg.seed, spec)),
                    torch.zeros(f, dtype=torch.long), torch.zeros(f, dtype=torch.long))
