@@ -317,7 +317,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--layer", type=int, default=1, help="hooked block: blocks.<layer>.hook_resid_post")
     p.add_argument("--widths", nargs="+", default=["1000", "d"], help="latent counts F (d = d_model)")
     p.add_argument("--archs", nargs="+", default=["standard", "topk"], choices=["standard", "topk"])
-    p.add_argument("--libraries", nargs="+", default=["ours", "saelens"], choices=["ours", "saelens"])
+    p.add_argument("--libraries", nargs="*", default=["ours", "saelens"], choices=["ours", "saelens"],
+                   help="baseline runs (none: only the --ours-variant / --saelens-variant runs)")
     p.add_argument("--l1", type=float, nargs="+", default=[1.0, 2.0, 4.0],
                    help="standard: L1 coefficients in SAELens units (ours uses l1 / d_in)")
     p.add_argument("--steps", type=int, default=1000)

@@ -258,7 +258,7 @@ class MultiSAETrainer:
             meta = json.loads((folder / STATE_JSON).read_text())
             if meta.get("format") != STATE_FORMAT:
                 raise ValueError(f"{folder / STATE_JSON}: unknown trainer-state format {meta.get('format')}")
-            check_compatible(self.cfg, meta["trainer"], folder)
+            check_compatible(self.cfg, meta["trainer"], folder, m.spec.cfg.d_in)
             load_member_state(m, load_file(str(folder / STATE_TENSORS)), meta)
             m.curve = [r for r in read_curve_csv(folder / CURVES_FILE) if r["step"] <= step]
             self.scale = float(meta["activation_scale"])

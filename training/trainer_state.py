@@ -165,13 +165,31 @@ def common_resumable_step(folders: list[Path]) -> int:
 
 
 
-def check_compatible(cfg: TrainerConfig, saved: dict[str, Any], folder: Path) -> None:
+PREDATING_VALUES: dict[str, Any] = {"grad_clip_norm": 0.0, "decoder_norm": "unit", "init_norm": 1.0,
+                                    "b_dec_init": "mean", "aux_relu": True, "aux_scale_dead": False}
+"""What a checkpoint written before these TrainerConfig fields existed did (adam_eps: see `saved_setting`)."""
+
+
+def saved_setting(saved: dict[str, Any], name: str, d_in: int) -> Any:
+    """A checkpoint's value of one TrainerConfig field; for fields it predates, the behaviour it was trained with."""
+    if name in saved:
+        return saved[name]
+    if name == "adam_eps":  # the optimizer's epsilon was a fixed 1e-8 on our (per-element) loss scale
+        return 1e-8 * d_in
+    if name in PREDATING_VALUES:
+        return PREDATING_VALUES[name]
+    return getattr(TrainerConfig(), name)
+
+
+def check_compatible(cfg: TrainerConfig, saved: dict[str, Any], folder: Path, d_in: int) -> None:
     """Settings that change the data or the optimisation path must match the checkpoint's.
 
-    A field the checkpoint predates counts as its default (older checkpoints stay resumable)."""
-    defaults = {f.name: f.default for f in dataclasses.fields(TrainerConfig)}
+    A checkpoint written before a field existed counts as what it did then (`saved_setting`), so resuming it
+    with today's defaults is refused with the flags that reproduce it, instead of silently changing recipe."""
     now = dataclasses.asdict(cfg)
-    diff = {k: (saved.get(k, defaults[k]), now[k]) for k in now
-            if k not in RESUME_FREE_SETTINGS and saved.get(k, defaults[k]) != now[k]}
+    diff = {k: (saved_setting(saved, k, d_in), now[k]) for k in now
+            if k not in RESUME_FREE_SETTINGS and saved_setting(saved, k, d_in) != now[k]}
     if diff:
-        raise ValueError(f"cannot resume from {folder}: settings differ from the checkpoint's (was, now): {diff}")
+        flags = " ".join(f"--{k.replace('_', '-')} {was}" for k, (was, _) in diff.items())
+        raise ValueError(f"cannot resume from {folder}: settings differ from the checkpoint's (was, now): {diff}; "
+                         f"resume with: {flags}")

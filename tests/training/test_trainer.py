@@ -219,6 +219,31 @@ def test_resume_refuses_changed_settings(tmp_path):
     assert len(_trainer(tmp_path, _cfg(checkpoint_every=4), acts).train(overwrite=True)) == 6
 
 
+def test_resume_of_a_checkpoint_predating_recipe_fields_needs_their_old_values(tmp_path):
+    """A checkpoint written before grad_clip_norm / adam_eps existed trained without clipping and with
+    epsilon 1e-8 on the per-element loss: today's defaults would change its recipe mid-run, so they are
+    refused with the flags that reproduce it, and those flags resume it."""
+    acts = _acts()
+    _trainer(tmp_path, _cfg(checkpoint_every=4), acts).train(stop_at=5)
+    for state in tmp_path.glob("*/F*/steps/*/trainer_state.json"):
+        meta = json.loads(state.read_text())
+        for name in ("grad_clip_norm", "adam_eps", "init_norm"):
+            del meta["trainer"][name]
+        state.write_text(json.dumps(meta))
+    with pytest.raises(ValueError, match=r"--grad-clip-norm 0\.0") as err:
+        _trainer(tmp_path, _cfg(checkpoint_every=4), acts).train(resume=True)
+    assert f"--adam-eps {1e-8 * D}" in str(err.value) and "--init-norm" in str(err.value)
+    old = _cfg(checkpoint_every=4, grad_clip_norm=0.0, adam_eps=1e-8 * D, init_norm=1.0)
+    assert len(_trainer(tmp_path, old, acts).train(resume=True)) == 6
+
+
+def test_adam_epsilon_is_on_the_summed_loss_scale(tmp_path):
+    """Our loss is SAELens's / d_in, so the optimizer's epsilon is adam_eps / d_in."""
+    trainer = _trainer(tmp_path, _cfg(adam_eps=3e-7), _acts())
+    for m in trainer.members:
+        assert m.opt.param_groups[0]["eps"] == pytest.approx(3e-7 / D)
+
+
 def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
     acts = _acts()
     t = _trainer(tmp_path, _cfg(checkpoint_every=4, widths=["6"], architectures=["standard"]), acts)
