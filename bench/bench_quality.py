@@ -47,9 +47,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # our sae/ and tra
 from sae.base_model import BaseModel, load_base_model, logits_with_replacement, residual_at
 from sae.metrics import ReconstructionStats, ce_loss_score, kl_div, next_token_ce
 from sae.splice import next_token_mask
-from training.activations import ActivationBuffer, harvest_stories
+from training.activations import ActivationBuffer
 from training.evaluate import EvalConfig, EvalSet, eval_set
 from training.stories import default_stories_path, load_stories, split_stories
+from training.streaming import harvest_chunk
 from training.trainer import MultiSAETrainer
 from training.trainer_config import TrainerConfig, activation_scale, build_specs, parse_width
 
@@ -96,14 +97,21 @@ class Run:
 # ------------------------------------------------------------------------------------------- data
 
 
+def training_vectors(bm: BaseModel, stories: list[str], layer: int, chunk: int = 8) -> Tensor:
+    """Float[Tensor, "n_tokens d_model"]: what the trainer's story stream harvests (one story per row, from
+    position 0, as the evaluation reads them), not packed windows (stories starting mid-context)."""
+    return torch.cat([harvest_chunk(bm, stories[i: i + chunk], layer, bm.context_size).cpu()
+                      for i in range(0, len(stories), chunk)])
+
+
 def load_data(bm: BaseModel, stories: list[str], layer: int, cache_dir: Path, key: str) -> Data:
     """Harvested training activations (cached under `cache_dir`, keyed by model, data and layer)."""
-    digest = hashlib.sha1(key.encode()).hexdigest()[:12]
+    digest = hashlib.sha1(f"{key}|one story per row".encode()).hexdigest()[:12]
     path = cache_dir / f"acts-{digest}.safetensors"
     if path.is_file():
         acts = load_file(str(path))["acts"]
     else:
-        acts = harvest_stories(bm, stories, layer, bm.context_size, batch_size=8, progress=False)
+        acts = training_vectors(bm, stories, layer)
         cache_dir.mkdir(parents=True, exist_ok=True)
         save_file({"acts": acts.contiguous()}, str(path))
     mean = acts.mean(0)
@@ -342,7 +350,13 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--out", type=Path, default=DEFAULT_OUT, help="SAE folders, activation cache, results")
     p.add_argument("--threads", type=int, default=1, help="torch threads")
     p.add_argument("--tag", default="", help="results file suffix (results<tag>.json)")
+    p.add_argument("--table", nargs="+", type=Path, metavar="RESULTS_JSON",
+                   help="train nothing: print one table of these results files (runs split over processes)")
     args = p.parse_args(argv)
+    if args.table:
+        rows = [row for f in args.table for row in json.loads(f.read_text())["rows"]]
+        print(table(sorted(rows, key=lambda r: (-r["d_sae"], r["arch"], r["l1"] or 0, r["library"], r["label"]))))
+        return
     torch.set_num_threads(args.threads)
     import sae_lens
 

@@ -47,7 +47,7 @@ from training.loss_curves import CURVES_FILE, read_curve_csv, write_curve_csv, w
 from training.optim import constrained_step, set_lr
 from training.resampling import resample_dead_latents
 from training.schedules import sparsity_coeff_at
-from training.trainer_config import SAESpec, TrainerConfig, library_versions, lr_schedule
+from training.trainer_config import SAESpec, TrainerConfig, b_dec_init_for, library_versions, lr_schedule
 from training.trainer_state import (
     STATE_FORMAT,
     STATE_JSON,
@@ -105,10 +105,11 @@ class MultiSAETrainer:
         self.dist = dist or DistContext()
         self.reducer = StepReducer(self.dist)
         self.members = [place_member(make_member(cfg, s), device) for s in self.specs]
-        if data_mean is not None and cfg.b_dec_init == "mean":
+        if data_mean is not None:
             with torch.no_grad():
                 for m in self.members:
-                    m.sae.b_dec.copy_(data_mean.to(m.sae.b_dec.dtype) * self.scale)
+                    if b_dec_init_for(cfg, m.spec.cfg.architecture) == "mean":
+                        m.sae.b_dec.copy_(data_mean.to(m.sae.b_dec.dtype) * self.scale)
         self.token_variance = None if data_variance is None else float(data_variance) * self.scale**2
         self.lr_schedule = lr_schedule(cfg)
         self.step = 0

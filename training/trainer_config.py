@@ -33,17 +33,19 @@ VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
 """Run names accepted by `--architectures`: an architecture, or a variant (architecture + overrides)."""
 
 RECIPE_DEFAULTS: dict[str, dict[str, Any]] = {
-    "standard": {"decoder_norm": "free", "init_norm": 0.1},
-    "topk": {"decoder_norm": "unit", "init_norm": 1.0},
+    "standard": {"decoder_norm": "free", "init_norm": 0.1, "b_dec_init": "mean"},
+    "topk": {"decoder_norm": "free", "init_norm": 0.1, "b_dec_init": "zeros"},
 }
-"""Per-architecture `decoder_norm` / `init_norm` behind "auto" / None (others: unit rows, norm 1), measured
-with bench/bench_quality.py on tinystories-mini, F = 1000, 1,000 steps x 2,048, L1 2 (BENCHMARKS.md, "SAE
-quality against SAELens"). Standard, held-out variance explained @ L0: unit rows, init 1, no clip 0.820 @ 48.8;
-+ clip 0.919 @ 28.6 (23% dead); free + clip 0.920 @ 27.9 (18% dead); free + clip + init 0.1 0.923 @ 43.4
-(0 dead), above SAELens's curve at that L0 (0.897); free + init 0.1 without clip 0.910 @ 83.1. TopK: clip
-lifts 0.954 -> 0.970; init 0.1 / 0.01 (0.970 / 0.971, 11% / 21% dead), a free decoder (0.970, 4% dead;
-0.969 and 49% dead with init 0.1) and SAELens's AuxK (k_aux 128, coeff 1, min(dead / k_aux, 1), no ReLU:
-0.970) did not beat unit rows at init 1 (3.6% dead)."""
+"""Per-architecture `decoder_norm` / `init_norm` / `b_dec_init` behind "auto" / None (others: unit rows, norm 1,
+the data mean), measured with bench/bench_quality.py on tinystories-mini, F = 1000 (BENCHMARKS.md, "SAE quality
+against SAELens"), held-out variance explained @ L0.
+Standard (previous base model, 1,000 steps x 2,048, L1 2): unit rows, init 1, no clip 0.820 @ 48.8; + clip 0.919
+@ 28.6 (23% dead); free + clip 0.920 @ 27.9 (18% dead); free + clip + init 0.1 0.923 @ 43.4 (0 dead); free + init
+0.1 without clip 0.910 @ 83.1.
+TopK (2,500 steps x 4,096, the shipped budget): unit rows, init 1, b_dec mean, AuxK 256 x 1/32 with ReLU 0.9418
+(CE score 0.9910); free + init 0.1: 0.9427 (11% dead); + b_dec zeros 0.9476 (11% dead); + SAELens's AuxK (aux_k
+128 = d_in / 2, coeff 1, no ReLU, x min(dead / aux_k, 1)): 0.9468, CE score 0.9918, 2.9% dead. SAELens itself:
+0.9468, 0.9909, 2.8% dead."""
 
 DEFAULT_SPARSITY = {"standard": 2.0, "gated": 5.0, "jumprelu": 0.5}
 """Default sparsity coefficient x d_in. The library's reconstruction loss is a mean over d_in, so lambda =
@@ -83,10 +85,10 @@ class TrainerConfig:
     """Linear warm-up of the sparsity coefficient from 0."""
     k: int = 32
     """topk: latents kept per token."""
-    aux_k: int = 256
-    """topk: dead latents in the AuxK loss (0 disables it)."""
-    aux_coeff: float = 1 / 32
-    """topk: weight of the AuxK loss."""
+    aux_k: int = 128
+    """topk: dead latents in the AuxK loss (0 disables it); SAELens and Gao et al. use d_in / 2."""
+    aux_coeff: float = 1.0
+    """topk: weight of the AuxK loss (relative to the reconstruction loss)."""
     dead_window: int = 500
     """A latent that has not fired for this many steps is dead (AuxK, resampling, frac_dead)."""
     grad_clip_norm: float = 1.0
@@ -99,11 +101,11 @@ class TrainerConfig:
     unit rows in saved checkpoints; auto: RECIPE_DEFAULTS per architecture."""
     init_norm: float | None = None
     """Initial norm of the encoder columns (and of free decoder rows); None: RECIPE_DEFAULTS per architecture."""
-    b_dec_init: Literal["mean", "zeros"] = "mean"
-    """Initial decoder bias: the mean training activation, or zeros."""
-    aux_relu: bool = True
+    b_dec_init: Literal["auto", "mean", "zeros"] = "auto"
+    """Initial decoder bias: the mean training activation, or zeros; auto: RECIPE_DEFAULTS per architecture."""
+    aux_relu: bool = False
     """topk: ReLU the AuxK activations (False: raw pre-activations of the dead latents, as SAELens)."""
-    aux_scale_dead: bool = False
+    aux_scale_dead: bool = True
     """topk: scale the AuxK loss by min(dead latents / aux_k, 1), as SAELens."""
     resample_every: int = 0
     """Resample dead latents every this many steps (0: never)."""
@@ -170,6 +172,13 @@ def init_norm_for(cfg: TrainerConfig, arch: str) -> float:
             raise ValueError(f"--init-norm must be positive, got {cfg.init_norm}")
         return cfg.init_norm
     return float(RECIPE_DEFAULTS.get(arch, {}).get("init_norm", 1.0))
+
+
+def b_dec_init_for(cfg: TrainerConfig, arch: str) -> str:
+    """"mean" or "zeros" for this architecture ("auto" resolved)."""
+    if cfg.b_dec_init != "auto":
+        return cfg.b_dec_init
+    return RECIPE_DEFAULTS.get(arch, {}).get("b_dec_init", "mean")
 
 
 def sae_config_for(cfg: TrainerConfig, run: str, d_in: int, d_sae: int, metadata: dict[str, Any]) -> SAEConfig:

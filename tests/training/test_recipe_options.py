@@ -131,26 +131,40 @@ def test_gradient_clipping_is_applied(tmp_path, fast):
 @pytest.mark.parametrize("fast", [True, False])
 def test_initial_norms_and_free_decoder(tmp_path, fast):
     acts = _acts()
-    t = _trainer(tmp_path, acts, fast=fast, decoder_norm="auto", init_norm=0.25, b_dec_init="zeros")
-    std, topk = t.members
-    assert std.spec.cfg.l1_decoder_norm and not topk.spec.cfg.l1_decoder_norm  # auto: standard free, topk unit
-    torch.testing.assert_close(std.sae.W_dec.norm(dim=-1), torch.full((20,), 0.25))
-    torch.testing.assert_close(std.sae.W_enc.norm(dim=0), torch.full((20,), 0.25))
-    torch.testing.assert_close(topk.sae.W_dec.norm(dim=-1), torch.ones(20))
-    torch.testing.assert_close(topk.sae.W_enc.norm(dim=0), torch.full((20,), 0.25))
+    t = _trainer(tmp_path, acts, fast=fast, decoder_norm="unit", init_norm=0.25, b_dec_init="zeros",
+                 architectures=["standard", "topk", "gated"])
+    std, topk, _gated = t.members
+    assert not std.spec.cfg.l1_decoder_norm and not topk.spec.cfg.rescale_acts_by_decoder_norm
+    for m in t.members:  # unit rows, encoder columns at the initial norm
+        torch.testing.assert_close(m.sae.W_dec.norm(dim=-1), torch.ones(20))
+        torch.testing.assert_close(m.sae.W_enc.norm(dim=0), torch.full((20,), 0.25))
     assert all(float(m.sae.b_dec.detach().abs().max()) == 0 for m in t.members)
     t.train()
-    assert float((std.sae.W_dec.norm(dim=-1) - 0.25).abs().max()) > 1e-4  # free rows moved off their init norm
-    torch.testing.assert_close(topk.sae.W_dec.norm(dim=-1), torch.ones(20))  # unit rows stay unit
+    for m in t.members:  # unit rows stay unit
+        torch.testing.assert_close(m.sae.W_dec.norm(dim=-1), torch.ones(20))
+    free = _trainer(tmp_path / "free", acts, fast=fast, decoder_norm="free", init_norm=0.25)
+    for m in free.members:
+        torch.testing.assert_close(m.sae.W_dec.norm(dim=-1), torch.full((20,), 0.25))
+    free.train()
+    for m in free.members:  # free rows moved off their init norm
+        assert float((m.sae.W_dec.detach().norm(dim=-1) - 0.25).abs().max()) > 1e-4
 
 
-def test_default_init_norms_and_mean_b_dec(tmp_path):
+def test_default_recipe_per_architecture(tmp_path):
+    """auto / None resolve through RECIPE_DEFAULTS: standard and topk free at 0.1, b_dec the mean for standard
+    and zeros for topk; other architectures unit rows at norm 1 from the mean."""
     acts = _acts()
-    t = _trainer(tmp_path, acts)
-    std, topk = t.members
+    t = _trainer(tmp_path, acts, architectures=["standard", "topk", "gated"])
+    std, topk, gated = t.members
+    assert std.spec.cfg.l1_decoder_norm and topk.spec.cfg.rescale_acts_by_decoder_norm
     torch.testing.assert_close(std.sae.W_dec.norm(dim=-1), torch.full((20,), 0.1))
-    torch.testing.assert_close(topk.sae.W_dec.norm(dim=-1), torch.ones(20))
+    torch.testing.assert_close(topk.sae.W_dec.norm(dim=-1), torch.full((20,), 0.1))
+    torch.testing.assert_close(gated.sae.W_dec.norm(dim=-1), torch.ones(20))
     torch.testing.assert_close(std.sae.b_dec, acts.mean(0) * t.scale)
+    torch.testing.assert_close(gated.sae.b_dec, acts.mean(0) * t.scale)
+    assert float(topk.sae.b_dec.detach().abs().max()) == 0
+    cfg = TrainerConfig()  # SAELens's AuxK: d_in / 2 = 128 of 256 latents' worth, coeff 1, no ReLU, scaled
+    assert (cfg.aux_k, cfg.aux_coeff, cfg.aux_relu, cfg.aux_scale_dead) == (128, 1.0, False, True)
 
 
 def test_free_decoder_refused_where_not_implemented(tmp_path):
