@@ -269,9 +269,9 @@ def table(rows: list[dict[str, Any]]) -> str:
         if r["library"] == "ours" and r["arch"] == "standard" and len(peers) > 1:
             ev = interpolate_at_l0([(a, p["variance_explained"]) for a, p in peers], r["l0"])
             ce = interpolate_at_l0([(a, p["ce_loss_score"]) for a, p in peers], r["l0"])
-            matched = "outside the sweep" if ev is None else f"{ev:.3f} / {ce:.4f}"
+            matched = "outside the sweep" if ev is None else f"{ev:.4f} / {ce:.4f}"
         l1 = "–" if r["l1"] is None else f"{r['l1']:g}"
-        lines.append(f"| {r['d_sae']} | {r['arch']} | {r['label']} | {l1} | {r['variance_explained']:.3f} | "
+        lines.append(f"| {r['d_sae']} | {r['arch']} | {r['label']} | {l1} | {r['variance_explained']:.4f} | "
                      f"{r['l0']:.1f} | {r['frac_dead']:.3f} | {r['ce_loss_score']:.4f} | {r['kl_div']:.4f} | "
                      f"{r['s_per_step']:.3f} | {matched} |")
     return "\n".join(lines)

@@ -1,11 +1,11 @@
 """SAE training throughput (tokens/s): our training step vs SAELens's, and the machine's fp32 matmul ceiling.
 
 One training step = loss + gradients + Adam + the per-step bookkeeping, on one fixed random batch
-[batch, d_in] (the same tensor for every contender). Ours: `MultiSAETrainer._train_step` with one SAE
-(the hand-written fast path with the default recipe: gradient clipping, standard's free decoder;
-decoder-parallel gradient removal for unit rows, fused Adam, decoder renormalisation,
-dead-latent counters). SAELens: `SAETrainer._train_step` on `StandardTrainingSAE` / `TopKTrainingSAE`
-(forward, firing statistics, backward, grad-norm clipping, Adam, LR and coefficient schedulers).
+[batch, d_in] (the same tensor for every contender). Ours: `MultiSAETrainer._train_step` with one SAE (the
+hand-written fast path with the default recipe: gradient clipping, a free decoder for standard and TopK, TopK
+through rescale_acts_by_decoder_norm and the chain rule, fused Adam, dead-latent counters). SAELens:
+`SAETrainer._train_step` on `StandardTrainingSAE` / `TopKTrainingSAE` (forward, firing statistics, backward,
+grad-norm clipping, Adam, LR and coefficient schedulers).
 Contenders are interleaved within each repeat, and the median over repeats is reported.
 
 The ceiling: the FLOPs a dense step needs at least (10 B d F: 2 forward matmuls, 3 backward, as no input

@@ -163,8 +163,8 @@ def test_default_recipe_per_architecture(tmp_path):
     torch.testing.assert_close(std.sae.b_dec, acts.mean(0) * t.scale)
     torch.testing.assert_close(gated.sae.b_dec, acts.mean(0) * t.scale)
     assert float(topk.sae.b_dec.detach().abs().max()) == 0
-    cfg = TrainerConfig()  # SAELens's AuxK: d_in / 2 = 128 of 256 latents' worth, coeff 1, no ReLU, scaled
-    assert (cfg.aux_k, cfg.aux_coeff, cfg.aux_relu, cfg.aux_scale_dead) == (128, 1.0, False, True)
+    cfg = TrainerConfig()  # SAELens's AuxK (128 = d_in / 2 for tinystories-mini, coeff 1, no ReLU), full weight
+    assert (cfg.aux_k, cfg.aux_coeff, cfg.aux_relu, cfg.aux_scale_dead) == (128, 1.0, False, False)
 
 
 def test_free_decoder_refused_where_not_implemented(tmp_path):
