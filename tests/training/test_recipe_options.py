@@ -151,14 +151,15 @@ def test_initial_norms_and_free_decoder(tmp_path, fast):
 
 
 def test_default_recipe_per_architecture(tmp_path):
-    """auto / None resolve through RECIPE_DEFAULTS: standard and topk free at 0.1, b_dec the mean for standard
-    and zeros for topk; other architectures unit rows at norm 1 from the mean."""
+    """auto / None resolve through RECIPE_DEFAULTS: standard free at 0.1 from the mean, topk free at 0.03 from
+    zeros; other architectures unit rows at norm 1 from the mean."""
     acts = _acts()
     t = _trainer(tmp_path, acts, architectures=["standard", "topk", "gated"])
     std, topk, gated = t.members
     assert std.spec.cfg.l1_decoder_norm and topk.spec.cfg.rescale_acts_by_decoder_norm
     torch.testing.assert_close(std.sae.W_dec.norm(dim=-1), torch.full((20,), 0.1))
-    torch.testing.assert_close(topk.sae.W_dec.norm(dim=-1), torch.full((20,), 0.1))
+    torch.testing.assert_close(topk.sae.W_dec.norm(dim=-1), torch.full((20,), 0.03))
+    torch.testing.assert_close(topk.sae.W_enc.norm(dim=0), torch.full((20,), 0.03))
     torch.testing.assert_close(gated.sae.W_dec.norm(dim=-1), torch.ones(20))
     torch.testing.assert_close(std.sae.b_dec, acts.mean(0) * t.scale)
     torch.testing.assert_close(gated.sae.b_dec, acts.mean(0) * t.scale)
