@@ -45,10 +45,10 @@ Standard (previous base model, 1,000 steps x 2,048, L1 2): unit rows, init 1, no
 TopK (2,500 steps x 4,096, the shipped budget): unit rows, init 1, b_dec mean, AuxK 256 x 1/32 with ReLU 0.9418
 (CE score 0.9910); free + init 0.1: 0.9427 (11% dead); + b_dec zeros 0.9476 (11% dead); + SAELens's AuxK (aux_k
 128 = d_in / 2, coeff 1, no ReLU, x min(dead / aux_k, 1)): 0.9468, CE score 0.9918, 2.9% dead; without that
-min(...) factor (the default): 0.9464, 0.9916, 1.5% dead (F = d: 0.9399, 0.8% dead; F = 100: 0.9111, 2.0% dead).
-With init 0.03 instead of 0.1 (the default): 0.9484, CE score 0.9918, KL 0.0576, 1.6% dead (F = d: 0.9398, 0.9908,
-0.4% dead); init 0.3: 0.9422. SAELens itself: 0.9468, 0.9909, KL 0.0598, 2.8% dead (F = d: 0.9398, 0.9902,
-2.7% dead)."""
+min(...) factor: 0.9464, 0.9916, 1.5% dead. Then the initial norm: 0.03 (the default) 0.9484, CE score 0.9918,
+KL 0.0576, 1.6% dead (F = d: 0.9398, 0.9908, 0.4% dead; F = 100: 0.9111, 0 dead); 0.3: 0.9422; 0.01: 0.9503,
+but at F = d 0.9389, CE 0.9900 (below SAELens). SAELens itself: 0.9468, 0.9909, KL 0.0598, 2.8% dead (F = d:
+0.9398, 0.9902, 2.7% dead; F = 100: 0.9095, 0.9849)."""
 
 DEFAULT_SPARSITY = {"standard": 2.0, "gated": 5.0, "jumprelu": 0.5}
 """Default sparsity coefficient x d_in. The library's reconstruction loss is a mean over d_in, so lambda =
