@@ -125,8 +125,7 @@ def load_data(bm: BaseModel, stories: list[str], layer: int, cache_dir: Path, ke
 def train_ours(run: Run, data: Data, budget: Budget, folder: Path) -> float:
     """Our MultiSAETrainer on one SAE; returns seconds per step. Writes `folder`."""
     d_in = data.acts.shape[1]
-    options = dict(run.options)
-    b_dec = options.pop("b_dec", "mean")
+    options = dict(run.options)  # our initial b_dec is the TrainerConfig field b_dec_init
     fields = {f.name for f in dataclasses.fields(TrainerConfig)}
     unknown = set(options) - fields
     if unknown:
@@ -140,8 +139,7 @@ def train_ours(run: Run, data: Data, budget: Budget, folder: Path) -> float:
     )
     specs = build_specs(cfg, d_in, lambda _run, _f: folder, {"model_name": "bench", "hook_name": "bench"})
     buffer = ActivationBuffer(data.acts, budget.batch_size, seed=budget.seed)
-    trainer = MultiSAETrainer(cfg, specs, buffer, scale=data.scale,
-                              data_mean=data.mean if b_dec == "mean" else None, data_variance=data.variance)
+    trainer = MultiSAETrainer(cfg, specs, buffer, scale=data.scale, data_mean=data.mean, data_variance=data.variance)
     t0 = time.perf_counter()
     trainer.train(overwrite=True)
     return (time.perf_counter() - t0) / budget.steps
