@@ -77,8 +77,13 @@ def _sq_sum(t: Tensor) -> Tensor:
     return flat.dot(flat)
 
 
-def standard_loss_and_grads(sae: StandardSAE, x: Tensor, sparsity_coeff: float) -> StepLosses:
+def standard_loss_and_grads(
+    sae: StandardSAE, x: Tensor, sparsity_coeff: float, decoder_only: bool = False
+) -> StepLosses:
     """`x [batch, d_in]`: loss of `StandardSAE.forward` with this sparsity coefficient, gradients in `.grad`.
+
+    `decoder_only`: the reconstruction loss and W_dec's gradient alone (the decoder fine-tuning phase; the
+    other `.grad` are left as they are), which skips the backward pass through the encoder.
 
     With `cfg.l1_decoder_norm` the L1 term is sum_i f_i ||W_dec_i||: latent i's penalty is lambda n_i, and
     the decoder row gets lambda (sum_b f_bi) W_dec_i / n_i on top of its reconstruction gradient.
@@ -92,6 +97,8 @@ def standard_loss_and_grads(sae: StandardSAE, x: Tensor, sparsity_coeff: float) 
         e = torch.addmm(xc, f, W_dec, beta=-1)  # x_hat - x = f W_dec + b_dec - x = f W_dec - xc
         mse = _sq_sum(e) / e.numel()
         grad_dec = torch.mm(f.t(), e, out=_grad_buffer(W_dec)).mul_(scale)
+        if decoder_only:
+            return StepLosses(mse, mse, mse.new_zeros(()), mse.new_zeros(()), (f > 0).sum(0))
         if sae.cfg.l1_decoder_norm:
             norms = W_dec.norm(dim=1)  # [F]
             f_sum = f.sum(0)
@@ -281,6 +288,27 @@ def autograd_loss_and_grads(
         out.loss.detach(), terms["L_reconstruction"], terms.get("L_sparsity", zero), terms.get("L_aux", zero),
         fire_counts,
     )
+
+
+def decoder_finetune_loss_and_grads(sae: SparseAutoencoder, x: Tensor, fast: bool = True) -> StepLosses:
+    """The decoder fine-tuning phase: the reconstruction loss alone, with a gradient for the decoder weights only.
+
+    Every other parameter's `.grad` is None, so Adam leaves it (and with it the latents) as it is; what is left to
+    learn is the best decoder for the latents the encoder gives, free of the sparsity term's shrinkage."""
+    if fast and has_fast_path(sae) and isinstance(sae, StandardSAE):
+        out = standard_loss_and_grads(sae, x, 0.0, decoder_only=True)
+    else:
+        for p in sae.parameters():
+            p.grad = None
+        res = sae(x)
+        recon = res.losses["L_reconstruction"].sum()
+        recon.backward()
+        zero = recon.detach().new_zeros(())
+        out = StepLosses(recon.detach(), recon.detach(), zero, zero, (res.latents.detach() > 0).sum(0))
+    for p in sae.parameters():
+        if p is not sae.decoder_param:
+            p.grad = None
+    return out
 
 
 def loss_and_grads(

@@ -42,12 +42,19 @@ from tqdm.auto import tqdm
 from sae.checkpoint import STEPS_DIR, TRAINING_CONFIG_FILE, save_sae, step_folder
 from training.data_state import DataState, gather_data_state, restore_data_state, write_data_tensors
 from training.distributed import DistContext, StepReducer
-from training.fast_paths import StepLosses, has_fast_path, loss_and_grads
+from training.fast_paths import StepLosses, decoder_finetune_loss_and_grads, has_fast_path, loss_and_grads
 from training.loss_curves import CURVES_FILE, read_curve_csv, write_curve_csv, write_run_curves
 from training.optim import constrained_step, set_lr
 from training.resampling import resample_dead_latents
 from training.schedules import sparsity_coeff_at
-from training.trainer_config import SAESpec, TrainerConfig, b_dec_init_for, library_versions, lr_schedule
+from training.trainer_config import (
+    SAESpec,
+    TrainerConfig,
+    b_dec_init_for,
+    decoder_finetune_steps,
+    library_versions,
+    lr_schedule,
+)
 from training.trainer_state import (
     STATE_FORMAT,
     STATE_JSON,
@@ -112,6 +119,7 @@ class MultiSAETrainer:
                         m.sae.b_dec.copy_(data_mean.to(m.sae.b_dec.dtype) * self.scale)
         self.token_variance = None if data_variance is None else float(data_variance) * self.scale**2
         self.lr_schedule = lr_schedule(cfg)
+        self.finetune_start = [cfg.steps - decoder_finetune_steps(cfg, s.cfg) for s in self.specs]
         self.step = 0
         self.started = time.time()
 
@@ -123,10 +131,14 @@ class MultiSAETrainer:
             total_var = self.token_variance * x.shape[0]
         else:
             total_var = float((x - x.mean(0)).pow(2).sum()) or 1.0
-        for m in self.members:
+        for m, finetune_start in zip(self.members, self.finetune_start, strict=True):
             dead = m.steps_since_fired >= cfg.dead_window
-            coeff = sparsity_coeff_at(m.spec.cfg.sparsity_coeff, step, cfg.sparsity_warmup_steps)
-            out: StepLosses = self._reduced(m, loss_and_grads(m.sae, x, coeff, dead, fast=cfg.fast))
+            if step >= finetune_start:  # the decoder alone, on the reconstruction
+                coeff, out = 0.0, decoder_finetune_loss_and_grads(m.sae, x, fast=cfg.fast)
+            else:
+                coeff = sparsity_coeff_at(m.spec.cfg.sparsity_coeff, step, cfg.sparsity_warmup_steps)
+                out = loss_and_grads(m.sae, x, coeff, dead, fast=cfg.fast)
+            out = self._reduced(m, out)
             set_lr(m.opt, lr)
             # The clip is on SAELens's scale: our loss (a mean over d_in) and its gradient are its / d_in.
             constrained_step(m.sae, m.opt, unit_decoder=not m.spec.cfg.free_decoder,

@@ -33,7 +33,7 @@ VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
 """Run names accepted by `--architectures`: an architecture, or a variant (architecture + overrides)."""
 
 RECIPE_DEFAULTS: dict[str, dict[str, Any]] = {
-    "standard": {"decoder_norm": "free", "init_norm": 0.1, "b_dec_init": "mean"},
+    "standard": {"decoder_norm": "free", "init_norm": 0.1, "b_dec_init": "mean", "decoder_finetune_fraction": 0.1},
     "topk": {"decoder_norm": "free", "init_norm": 0.03, "b_dec_init": "zeros"},
 }
 """Per-architecture `decoder_norm` / `init_norm` / `b_dec_init` behind "auto" / None (others: unit rows, norm 1,
@@ -111,6 +111,11 @@ class TrainerConfig:
     aux_scale_dead: bool = False
     """topk: scale the AuxK loss by min(dead latents / aux_k, 1), as SAELens (off: the full weight however few
     latents are dead, which keeps fewer dead: 1.5% vs 2.9% at F = 1000, 0.8% vs 2.3% at F = d)."""
+    decoder_finetune_fraction: float | None = None
+    """Over this last fraction of the steps only the decoder weights train, on the reconstruction loss alone
+    (encoder and b_dec frozen, so every latent stays as it is): undoes the sparsity term's shrinkage of the
+    reconstruction. Not for tied SAEs or free-decoder TopK (their latents depend on the decoder).
+    None: RECIPE_DEFAULTS per architecture (0: off)."""
     resample_every: int = 0
     """Resample dead latents every this many steps (0: never)."""
     resample_method: Literal["simple", "advanced"] = "advanced"
@@ -183,6 +188,23 @@ def b_dec_init_for(cfg: TrainerConfig, arch: str) -> str:
     if cfg.b_dec_init != "auto":
         return cfg.b_dec_init
     return RECIPE_DEFAULTS.get(arch, {}).get("b_dec_init", "mean")
+
+
+def decoder_finetune_steps(cfg: TrainerConfig, sae_cfg: SAEConfig) -> int:
+    """How many of the last steps train the decoder alone (`decoder_finetune_fraction`, "auto" resolved)."""
+    frac = cfg.decoder_finetune_fraction
+    explicit = frac is not None
+    if frac is None:
+        frac = float(RECIPE_DEFAULTS.get(sae_cfg.architecture, {}).get("decoder_finetune_fraction", 0.0))
+    if not 0.0 <= frac < 1.0:
+        raise ValueError(f"--decoder-finetune-fraction must be in [0, 1), got {frac}")
+    if frac and (sae_cfg.tied or sae_cfg.rescale_acts_by_decoder_norm):
+        if explicit:
+            raise ValueError("--decoder-finetune-fraction: the latents of a tied SAE or of a free-decoder TopK SAE "
+                             "depend on the decoder, so it cannot be fine-tuned alone (use 0, or --decoder-norm unit "
+                             "for TopK)")
+        return 0
+    return int(cfg.steps * frac)
 
 
 def sae_config_for(cfg: TrainerConfig, run: str, d_in: int, d_sae: int, metadata: dict[str, Any]) -> SAEConfig:

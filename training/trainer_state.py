@@ -119,10 +119,8 @@ def state_tensors(m: Member) -> dict[str, Tensor]:
 
 
 def adam_step(m: Member) -> float:
-    for state in m.opt.state.values():
-        if "step" in state:
-            return float(state["step"])
-    return 0.0
+    """Adam's step count: the decoder's, which alone keeps stepping in the decoder fine-tuning phase."""
+    return max((float(state["step"]) for state in m.opt.state.values() if "step" in state), default=0.0)
 
 
 def load_member_state(m: Member, tensors: dict[str, Tensor], meta: dict[str, Any]) -> None:
@@ -166,7 +164,8 @@ def common_resumable_step(folders: list[Path]) -> int:
 
 
 PREDATING_VALUES: dict[str, Any] = {"grad_clip_norm": 0.0, "decoder_norm": "unit", "init_norm": 1.0,
-                                    "b_dec_init": "mean", "aux_relu": True, "aux_scale_dead": False}
+                                    "b_dec_init": "mean", "aux_relu": True, "aux_scale_dead": False,
+                                    "decoder_finetune_fraction": 0.0}
 """What a checkpoint written before these TrainerConfig fields existed did (adam_eps: see `saved_setting`)."""
 
 

@@ -12,12 +12,13 @@ from sae.config import SAEConfig
 from training.activations import ActivationBuffer
 from training.fast_paths import (
     autograd_loss_and_grads,
+    decoder_finetune_loss_and_grads,
     loss_and_grads,
     standard_loss_and_grads,
     topk_loss_and_grads,
 )
 from training.trainer import MultiSAETrainer
-from training.trainer_config import TrainerConfig, activation_scale, build_specs
+from training.trainer_config import RECIPE_DEFAULTS, TrainerConfig, activation_scale, build_specs
 
 D = 12
 
@@ -208,3 +209,76 @@ def test_free_topk_saves_folded_unit_rows(tmp_path):
         torch.testing.assert_close(saved(x).reconstruction, m.sae(x * t.scale).reconstruction / t.scale,
                                    rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(saved.W_dec.norm(dim=-1), torch.full((20,), 1 / t.scale), rtol=1e-5, atol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------- decoder fine-tuning
+
+
+@pytest.mark.parametrize("l1_decoder_norm", [True, False])
+def test_fast_decoder_finetune_matches_autograd(l1_decoder_norm):
+    """The decoder-only step: reconstruction loss alone, W_dec's gradient alone, fast path = autograd."""
+    cfg = SAEConfig("standard", D, 30, sparsity_coeff=0.3, dtype="float64", l1_decoder_norm=l1_decoder_norm)
+    sae = _perturbed(cfg)
+    ref = copy.deepcopy(sae)
+    x = _acts(80).double()
+    fast = decoder_finetune_loss_and_grads(sae, x, fast=True)
+    slow = decoder_finetune_loss_and_grads(ref, x, fast=False)
+    assert fast.loss.item() == pytest.approx(slow.loss.item(), rel=1e-12)
+    assert fast.loss.item() == pytest.approx(fast.mse.item()) and fast.sparsity.item() == 0 == slow.sparsity.item()
+    assert torch.equal(fast.fire_counts, slow.fire_counts)
+    torch.testing.assert_close(sae.W_dec.grad, ref.W_dec.grad, rtol=1e-10, atol=1e-13)
+    full = copy.deepcopy(ref)
+    autograd_loss_and_grads(full, x, sparsity_coeff=0.0)  # the same decoder gradient as the full step at coeff 0
+    torch.testing.assert_close(sae.W_dec.grad, full.W_dec.grad, rtol=1e-10, atol=1e-13)
+    for s in (sae, ref):
+        assert all(p.grad is None for name, p in s.named_parameters() if p is not s.decoder_param)
+
+
+@pytest.mark.parametrize("fast", [True, False])
+def test_decoder_finetune_phase_freezes_the_latents(tmp_path, fast):
+    """In the last fraction of the steps only W_dec moves: the encoder, b_dec and so every latent stay as they
+    were, the logged sparsity coefficient is 0, and the reconstruction of the training data improves."""
+    acts = _acts()
+    t = _trainer(tmp_path, acts, fast=fast, steps=12, decoder_finetune_fraction=0.5, decoder_norm="unit",
+                 architectures=["standard", "topk", "gated"])
+    assert t.finetune_start == [6, 6, 6]
+    for _ in range(6):
+        t._train_step(t.buffer.next_batch() * t.scale)
+    x = acts * t.scale
+    start = [{n: p.detach().clone() for n, p in m.sae.named_parameters()} for m in t.members]
+    with torch.no_grad():
+        before = [m.sae(x) for m in t.members]
+    t.train()
+    with torch.no_grad():
+        after = [m.sae(x) for m in t.members]
+    for m, params, b, a in zip(t.members, start, before, after):
+        for name, p in m.sae.named_parameters():
+            assert torch.equal(p, params[name]) != (p is m.sae.decoder_param), name
+        assert torch.equal(a.latents, b.latents)
+        assert float(a.losses["L_reconstruction"].sum()) < float(b.losses["L_reconstruction"].sum())
+        assert [r["sparsity_coeff"] for r in m.curve][-3:] == [0.0, 0.0, 0.0]
+
+
+def test_decoder_finetune_resumes_bit_identical(tmp_path):
+    acts = _acts()
+    kw = dict(steps=12, checkpoint_every=4, decoder_finetune_fraction=0.5, architectures=["standard", "gated"])
+    full = _trainer(tmp_path / "a", acts, **kw).train()
+    assert _trainer(tmp_path / "b", acts, **kw).train(stop_at=9) == []  # killed in the phase, after step 8
+    finals = _trainer(tmp_path / "b", acts, **kw).train(resume=True)
+    for a, b in zip(full, finals):
+        assert load_sae(a).state_dict().keys() == load_sae(b).state_dict().keys()
+        for (name, w), v in zip(load_sae(a).state_dict().items(), load_sae(b).state_dict().values()):
+            assert torch.equal(w, v), (a, name)
+
+
+def test_decoder_finetune_default_and_refusals(tmp_path):
+    """auto: standard fine-tunes its decoder over RECIPE_DEFAULTS' fraction, others not; asked of a free-decoder
+    TopK or a tied SAE (whose latents move with the decoder), it is refused."""
+    t = _trainer(tmp_path, _acts(), steps=100, architectures=["standard", "topk", "gated", "standard-tied"])
+    frac = RECIPE_DEFAULTS["standard"]["decoder_finetune_fraction"]
+    assert frac > 0 and t.finetune_start == [100 - int(100 * frac), 100, 100, 100]
+    for arch, extra in (("topk", {}), ("standard-tied", {})):
+        with pytest.raises(ValueError, match="depend on the decoder"):
+            _trainer(tmp_path, _acts(), architectures=[arch], decoder_finetune_fraction=0.1, **extra)
+    with pytest.raises(ValueError, match=r"\[0, 1\)"):
+        _trainer(tmp_path, _acts(), decoder_finetune_fraction=1.0)
