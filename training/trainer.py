@@ -9,7 +9,10 @@ Per step and SAE: loss + gradients with this step's sparsity coefficient (passed
 into the SAE's config), the decoder-constrained Adam step (`training.optim`), update the
 steps-since-fired counters (dead latents feed TopK's AuxK and optional resampling through
 `training.resampling`). Schedules (`training.schedules`): linear LR warm-up, constant, linear decay
-to 0 over the last `lr_decay_fraction`; linear sparsity-coefficient warm-up from 0.
+to 0 over the last `lr_decay_fraction`; linear sparsity-coefficient warm-up from 0. Over the last
+`decoder_finetune_fraction` of the steps (standard's default) only the decoder trains, on the reconstruction
+alone: the latents are frozen as they are, and the decoder becomes the best one for them, free of the L1
+term's shrinkage.
 
 Activations are scaled by one constant so that E||x||^2 = d_in while training (so default
 coefficients transfer across models); the constant is folded into every saved checkpoint, which

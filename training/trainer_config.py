@@ -115,7 +115,7 @@ class TrainerConfig:
     """Over this last fraction of the steps only the decoder weights train, on the reconstruction loss alone
     (encoder and b_dec frozen, so every latent stays as it is): undoes the sparsity term's shrinkage of the
     reconstruction. Not for tied SAEs or free-decoder TopK (their latents depend on the decoder).
-    None: RECIPE_DEFAULTS per architecture (0: off)."""
+    None: RECIPE_DEFAULTS per architecture (0: off), 0 without a sparsity term."""
     resample_every: int = 0
     """Resample dead latents every this many steps (0: never)."""
     resample_method: Literal["simple", "advanced"] = "advanced"
@@ -194,8 +194,9 @@ def decoder_finetune_steps(cfg: TrainerConfig, sae_cfg: SAEConfig) -> int:
     """How many of the last steps train the decoder alone (`decoder_finetune_fraction`, "auto" resolved)."""
     frac = cfg.decoder_finetune_fraction
     explicit = frac is not None
-    if frac is None:
+    if frac is None:  # without a sparsity term there is no shrinkage to undo
         frac = float(RECIPE_DEFAULTS.get(sae_cfg.architecture, {}).get("decoder_finetune_fraction", 0.0))
+        frac = frac if sae_cfg.sparsity_coeff else 0.0
     if not 0.0 <= frac < 1.0:
         raise ValueError(f"--decoder-finetune-fraction must be in [0, 1), got {frac}")
     if frac and (sae_cfg.tied or sae_cfg.rescale_acts_by_decoder_norm):

@@ -272,11 +272,13 @@ def test_decoder_finetune_resumes_bit_identical(tmp_path):
 
 
 def test_decoder_finetune_default_and_refusals(tmp_path):
-    """auto: standard fine-tunes its decoder over RECIPE_DEFAULTS' fraction, others not; asked of a free-decoder
+    """auto: standard fine-tunes its decoder over RECIPE_DEFAULTS' fraction, others (and standard without a
+    sparsity term) not; asked of a free-decoder
     TopK or a tied SAE (whose latents move with the decoder), it is refused."""
-    t = _trainer(tmp_path, _acts(), steps=100, architectures=["standard", "topk", "gated", "standard-tied"])
+    t = _trainer(tmp_path, _acts(), steps=100,
+                 architectures=["standard", "topk", "gated", "standard-tied", "standard-nosparsity"])
     frac = RECIPE_DEFAULTS["standard"]["decoder_finetune_fraction"]
-    assert frac > 0 and t.finetune_start == [100 - int(100 * frac), 100, 100, 100]
+    assert frac > 0 and t.finetune_start == [100 - int(100 * frac), 100, 100, 100, 100]
     for arch, extra in (("topk", {}), ("standard-tied", {})):
         with pytest.raises(ValueError, match="depend on the decoder"):
             _trainer(tmp_path, _acts(), architectures=[arch], decoder_finetune_fraction=0.1, **extra)
