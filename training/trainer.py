@@ -57,6 +57,7 @@ from training.trainer_config import (
     decoder_finetune_steps,
     library_versions,
     lr_schedule,
+    resolved_recipe,
 )
 from training.trainer_state import (
     STATE_FORMAT,
@@ -118,7 +119,7 @@ class MultiSAETrainer:
         if data_mean is not None:
             with torch.no_grad():
                 for m in self.members:
-                    if b_dec_init_for(cfg, m.spec.cfg.architecture) == "mean":
+                    if b_dec_init_for(cfg, m.spec.cfg) == "mean":
                         m.sae.b_dec.copy_(data_mean.to(m.sae.b_dec.dtype) * self.scale)
         self.token_variance = None if data_variance is None else float(data_variance) * self.scale**2
         self.lr_schedule = lr_schedule(cfg)
@@ -209,6 +210,7 @@ class MultiSAETrainer:
             "activation_scale": self.scale,
             "activation_scale_note": "inputs were multiplied by this while training; the saved weights fold it in",
             "fast_path": bool(self.cfg.fast and has_fast_path(m.sae)),
+            "recipe": resolved_recipe(self.cfg, m.spec.cfg),
             "sae_config": m.spec.cfg.to_saelens_dict(),
             "trainer": dataclasses.asdict(self.cfg),
             **self.run_info,
@@ -274,7 +276,7 @@ class MultiSAETrainer:
             meta = json.loads((folder / STATE_JSON).read_text())
             if meta.get("format") != STATE_FORMAT:
                 raise ValueError(f"{folder / STATE_JSON}: unknown trainer-state format {meta.get('format')}")
-            check_compatible(self.cfg, meta["trainer"], folder, m.spec.cfg.d_in)
+            check_compatible(self.cfg, meta["trainer"], folder, m.spec.cfg)
             load_member_state(m, load_file(str(folder / STATE_TENSORS)), meta)
             m.curve = [r for r in read_curve_csv(folder / CURVES_FILE) if r["step"] <= step]
             self.scale = float(meta["activation_scale"])

@@ -52,6 +52,16 @@ but at F = d 0.9389, CE 0.9900 (below SAELens). SAELens itself: 0.9468, 0.9909, 
 Standard's decoder fine-tuning (same budget, L1 2): none 0.8873 @ 31.8 (SAELens at that L0: 0.8880); the last 10%
 0.9113 @ 32.1 (SAELens 0.8887), CE score 0.9826 vs 0.9804; the last 20% 0.9140 @ 33.1 (SAELens 0.8907)."""
 
+SMALL_F_TOPK: dict[str, Any] = {"decoder_norm": "unit", "init_norm": 1.0, "b_dec_init": "mean"}
+"""RECIPE_DEFAULTS["topk"] overrides for a TopK SAE with few latents per k (k / F >= SMALL_F_TOPK_RATIO), where
+unit rows from norm 1 and b_dec = mean beat the free small-norm recipe. Variance explained, unit vs free (same
+budget, k = 32, d_in 256, tinystories-mini; BENCHMARKS.md, "TopK at small F"): F = 100 0.9199 vs 0.9111 (SAELens
+0.9095), 128 0.9282 vs 0.9187, 160 0.9340 vs 0.9293, 192 0.9356 vs 0.9321; then 224 0.9358 vs 0.9377, 256
+0.9366 vs 0.9398."""
+
+SMALL_F_TOPK_RATIO = 0.15
+"""k / F at and above which a TopK SAE takes SMALL_F_TOPK: between the measured crossover's 32 / 224 and 32 / 192."""
+
 DEFAULT_SPARSITY = {"standard": 2.0, "gated": 5.0, "jumprelu": 0.5}
 """Default sparsity coefficient x d_in. The library's reconstruction loss is a mean over d_in, so lambda =
 5 / d_in is Anthropic's lambda = 5 for a summed loss, on inputs scaled to E||x||^2 = d_in. Standard uses 2:
@@ -166,9 +176,19 @@ def parse_width(spec: str | int, d_model: int) -> int:
     return value
 
 
-def decoder_norm_for(cfg: TrainerConfig, arch: str, tied: bool = False) -> str:
-    """"unit" or "free" for this architecture ("auto" resolved; tied decoders and other architectures: unit)."""
-    mode = cfg.decoder_norm if cfg.decoder_norm != "auto" else RECIPE_DEFAULTS.get(arch, {}).get("decoder_norm", "unit")
+def recipe_defaults(arch: str, d_sae: int, k: int | None = None) -> dict[str, Any]:
+    """What "auto" / None resolve to for this architecture and width (RECIPE_DEFAULTS, SMALL_F_TOPK)."""
+    out = dict(RECIPE_DEFAULTS.get(arch, {}))
+    if arch == "topk" and k and k / d_sae >= SMALL_F_TOPK_RATIO:
+        out.update(SMALL_F_TOPK)
+    return out
+
+
+def decoder_norm_for(cfg: TrainerConfig, arch: str, d_sae: int, tied: bool = False) -> str:
+    """"unit" or "free" for this architecture and width ("auto" resolved; tied decoders and other architectures:
+    unit)."""
+    default = recipe_defaults(arch, d_sae, min(cfg.k, d_sae)).get("decoder_norm", "unit")
+    mode = cfg.decoder_norm if cfg.decoder_norm != "auto" else default
     if mode == "free" and (arch not in ("standard", "topk") or tied):
         if cfg.decoder_norm == "free":
             raise ValueError(f"--decoder-norm free is implemented for untied standard and topk SAEs, not {arch!r}")
@@ -176,28 +196,29 @@ def decoder_norm_for(cfg: TrainerConfig, arch: str, tied: bool = False) -> str:
     return mode
 
 
-def init_norm_for(cfg: TrainerConfig, arch: str) -> float:
-    """Initial encoder-column norm (and free decoder-row norm) of this architecture."""
+def init_norm_for(cfg: TrainerConfig, sae_cfg: SAEConfig) -> float:
+    """Initial encoder-column norm (and free decoder-row norm) of this SAE."""
     if cfg.init_norm is not None:
         if cfg.init_norm <= 0:
             raise ValueError(f"--init-norm must be positive, got {cfg.init_norm}")
         return cfg.init_norm
-    return float(RECIPE_DEFAULTS.get(arch, {}).get("init_norm", 1.0))
+    return float(recipe_defaults(sae_cfg.architecture, sae_cfg.d_sae, sae_cfg.k).get("init_norm", 1.0))
 
 
-def b_dec_init_for(cfg: TrainerConfig, arch: str) -> str:
-    """"mean" or "zeros" for this architecture ("auto" resolved)."""
+def b_dec_init_for(cfg: TrainerConfig, sae_cfg: SAEConfig) -> str:
+    """"mean" or "zeros" for this SAE ("auto" resolved)."""
     if cfg.b_dec_init != "auto":
         return cfg.b_dec_init
-    return RECIPE_DEFAULTS.get(arch, {}).get("b_dec_init", "mean")
+    return recipe_defaults(sae_cfg.architecture, sae_cfg.d_sae, sae_cfg.k).get("b_dec_init", "mean")
 
 
-def decoder_finetune_steps(cfg: TrainerConfig, sae_cfg: SAEConfig) -> int:
-    """How many of the last steps train the decoder alone (`decoder_finetune_fraction`, "auto" resolved)."""
+def decoder_finetune_fraction_for(cfg: TrainerConfig, sae_cfg: SAEConfig) -> float:
+    """`decoder_finetune_fraction` of this SAE, None resolved."""
     frac = cfg.decoder_finetune_fraction
     explicit = frac is not None
     if frac is None:  # without a sparsity term there is no shrinkage to undo
-        frac = float(RECIPE_DEFAULTS.get(sae_cfg.architecture, {}).get("decoder_finetune_fraction", 0.0))
+        defaults = recipe_defaults(sae_cfg.architecture, sae_cfg.d_sae, sae_cfg.k)
+        frac = float(defaults.get("decoder_finetune_fraction", 0.0))
         frac = frac if sae_cfg.sparsity_coeff else 0.0
     if not 0.0 <= frac < 1.0:
         raise ValueError(f"--decoder-finetune-fraction must be in [0, 1), got {frac}")
@@ -206,8 +227,20 @@ def decoder_finetune_steps(cfg: TrainerConfig, sae_cfg: SAEConfig) -> int:
             raise ValueError("--decoder-finetune-fraction: the latents of a tied SAE or of a free-decoder TopK SAE "
                              "depend on the decoder, so it cannot be fine-tuned alone (use 0, or --decoder-norm unit "
                              "for TopK)")
-        return 0
-    return int(cfg.steps * frac)
+        return 0.0
+    return frac
+
+
+def decoder_finetune_steps(cfg: TrainerConfig, sae_cfg: SAEConfig) -> int:
+    """How many of the last steps train the decoder alone."""
+    return int(cfg.steps * decoder_finetune_fraction_for(cfg, sae_cfg))
+
+
+def resolved_recipe(cfg: TrainerConfig, sae_cfg: SAEConfig) -> dict[str, Any]:
+    """The recipe this SAE trains with, every "auto" / None resolved (recorded in training_config.json)."""
+    return {"decoder_norm": "free" if sae_cfg.free_decoder else "unit", "init_norm": init_norm_for(cfg, sae_cfg),
+            "b_dec_init": b_dec_init_for(cfg, sae_cfg),
+            "decoder_finetune_fraction": decoder_finetune_fraction_for(cfg, sae_cfg)}
 
 
 def sae_config_for(cfg: TrainerConfig, run: str, d_in: int, d_sae: int, metadata: dict[str, Any]) -> SAEConfig:
@@ -222,7 +255,7 @@ def sae_config_for(cfg: TrainerConfig, run: str, d_in: int, d_sae: int, metadata
         kwargs.update(k=min(cfg.k, d_sae), aux_k=cfg.aux_k or None, aux_coeff=cfg.aux_coeff, aux_relu=cfg.aux_relu,
                       aux_scale_dead=cfg.aux_scale_dead)
     kwargs.update(overrides)
-    free = decoder_norm_for(cfg, arch, bool(kwargs.get("tied"))) == "free"
+    free = decoder_norm_for(cfg, arch, d_sae, bool(kwargs.get("tied"))) == "free"
     kwargs.update(l1_decoder_norm=free and arch == "standard", rescale_acts_by_decoder_norm=free and arch == "topk")
     if arch == "topk" and not kwargs.get("aux_k"):
         kwargs["aux_k"] = None

@@ -20,11 +20,13 @@ import torch
 from torch import Tensor
 
 from sae.architectures import SparseAutoencoder, build_sae
-from sae.layout import STEPS_DIR
+from sae.checkpoint import read_json
+from sae.config import SAEConfig
+from sae.layout import STEPS_DIR, TRAINING_CONFIG_FILE
 from sae.layout import TRAINER_STATE_JSON as STATE_JSON
 from sae.layout import TRAINER_STATE_TENSORS as STATE_TENSORS
 from training.optim import make_adam
-from training.trainer_config import SAESpec, TrainerConfig, init_norm_for
+from training.trainer_config import SAESpec, TrainerConfig, init_norm_for, resolved_recipe
 
 STATE_FORMAT = 1
 
@@ -58,7 +60,7 @@ def member_seed(seed: int, spec: SAESpec) -> int:
 
 def make_member(cfg: TrainerConfig, spec: SAESpec) -> Member:
     sae = build_sae(spec.cfg, seed=cfg.seed)
-    init = init_norm_for(cfg, spec.cfg.architecture)
+    init = init_norm_for(cfg, spec.cfg)
     if init != 1.0:
         with torch.no_grad():  # unit rows from build_sae; a unit decoder stays unit, its encoder starts small
             sae.W_enc.mul_(init)
@@ -163,10 +165,15 @@ def common_resumable_step(folders: list[Path]) -> int:
 
 
 
-PREDATING_VALUES: dict[str, Any] = {"grad_clip_norm": 0.0, "decoder_norm": "unit", "init_norm": 1.0,
-                                    "b_dec_init": "mean", "aux_relu": True, "aux_scale_dead": False,
-                                    "decoder_finetune_fraction": 0.0}
-"""What a checkpoint written before these TrainerConfig fields existed did (adam_eps: see `saved_setting`)."""
+PREDATING_VALUES: dict[str, Any] = {"grad_clip_norm": 0.0, "init_norm": 1.0, "b_dec_init": "mean", "aux_relu": True,
+                                    "aux_scale_dead": False, "decoder_finetune_fraction": 0.0}
+"""What a checkpoint written before these TrainerConfig fields existed did (adam_eps: see `saved_setting`; the
+decoder mode: `saved_recipe`)."""
+
+RESUME_RECIPE_KEYS = ("decoder_norm", "decoder_finetune_fraction")
+"""Recipe settings compared as resolved ("auto" / None as today's defaults make them for this SAE) on resume: a
+changed default (RECIPE_DEFAULTS, SMALL_F_TOPK) must not switch them mid-run. Init norm and b_dec init only
+shape step 0."""
 
 
 def saved_setting(saved: dict[str, Any], name: str, d_in: int) -> Any:
@@ -180,14 +187,30 @@ def saved_setting(saved: dict[str, Any], name: str, d_in: int) -> Any:
     return getattr(TrainerConfig(), name)
 
 
-def check_compatible(cfg: TrainerConfig, saved: dict[str, Any], folder: Path, d_in: int) -> None:
+def saved_recipe(tc: dict[str, Any], d_in: int) -> dict[str, Any]:
+    """The resolved recipe a checkpoint's training_config.json records (older ones: read off its SAE config)."""
+    if "recipe" in tc:
+        return tc["recipe"]
+    flags = tc.get("sae_config", {}).get("metadata", {}).get("sae_training", {})
+    free = bool(flags.get("l1_decoder_norm") or flags.get("rescale_acts_by_decoder_norm"))
+    out: dict[str, Any] = {"decoder_norm": "free" if free else "unit"}
+    frac = saved_setting(tc.get("trainer", {}), "decoder_finetune_fraction", d_in)
+    if frac is not None:  # None: resolved by the defaults of its day, not recorded
+        out["decoder_finetune_fraction"] = frac
+    return out
+
+
+def check_compatible(cfg: TrainerConfig, saved: dict[str, Any], folder: Path, sae_cfg: SAEConfig) -> None:
     """Settings that change the data or the optimisation path must match the checkpoint's.
 
     A checkpoint written before a field existed counts as what it did then (`saved_setting`), so resuming it
-    with today's defaults is refused with the flags that reproduce it, instead of silently changing recipe."""
-    now = dataclasses.asdict(cfg)
-    diff = {k: (saved_setting(saved, k, d_in), now[k]) for k in now
-            if k not in RESUME_FREE_SETTINGS and saved_setting(saved, k, d_in) != now[k]}
+    with today's defaults is refused with the flags that reproduce it, instead of silently changing recipe;
+    RESUME_RECIPE_KEYS are compared as resolved for this SAE (`saved_recipe` against `resolved_recipe`)."""
+    d_in, now = sae_cfg.d_in, dataclasses.asdict(cfg)
+    diff = {k: (saved_setting(saved, k, d_in), now[k]) for k in now if k not in RESUME_FREE_SETTINGS
+            and k not in RESUME_RECIPE_KEYS and saved_setting(saved, k, d_in) != now[k]}
+    was, resolved = saved_recipe(read_json(folder / TRAINING_CONFIG_FILE), d_in), resolved_recipe(cfg, sae_cfg)
+    diff.update({k: (was[k], resolved[k]) for k in RESUME_RECIPE_KEYS if k in was and was[k] != resolved[k]})
     if diff:
         flags = " ".join(f"--{k.replace('_', '-')} {was}" for k, (was, _) in diff.items())
         raise ValueError(f"cannot resume from {folder}: settings differ from the checkpoint's (was, now): {diff}; "

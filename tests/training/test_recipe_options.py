@@ -2,12 +2,13 @@
 norms, b_dec init, AuxK details; each in the fast paths and in the autograd path."""
 
 import copy
+import json
 
 import pytest
 import torch
 
 from sae.architectures import build_sae
-from sae.checkpoint import load_sae
+from sae.checkpoint import load_sae, read_json
 from sae.config import SAEConfig
 from training.activations import ActivationBuffer
 from training.fast_paths import (
@@ -18,7 +19,13 @@ from training.fast_paths import (
     topk_loss_and_grads,
 )
 from training.trainer import MultiSAETrainer
-from training.trainer_config import RECIPE_DEFAULTS, TrainerConfig, activation_scale, build_specs
+from training.trainer_config import (
+    RECIPE_DEFAULTS,
+    SMALL_F_TOPK_RATIO,
+    TrainerConfig,
+    activation_scale,
+    build_specs,
+)
 
 D = 12
 
@@ -155,7 +162,7 @@ def test_default_recipe_per_architecture(tmp_path):
     """auto / None resolve through RECIPE_DEFAULTS: standard free at 0.1 from the mean, topk free at 0.03 from
     zeros; other architectures unit rows at norm 1 from the mean."""
     acts = _acts()
-    t = _trainer(tmp_path, acts, architectures=["standard", "topk", "gated"])
+    t = _trainer(tmp_path, acts, architectures=["standard", "topk", "gated"], k=2)  # k / F below SMALL_F_TOPK_RATIO
     std, topk, gated = t.members
     assert std.spec.cfg.l1_decoder_norm and topk.spec.cfg.rescale_acts_by_decoder_norm
     torch.testing.assert_close(std.sae.W_dec.norm(dim=-1), torch.full((20,), 0.1))
@@ -275,12 +282,53 @@ def test_decoder_finetune_default_and_refusals(tmp_path):
     """auto: standard fine-tunes its decoder over RECIPE_DEFAULTS' fraction, others (and standard without a
     sparsity term) not; asked of a free-decoder
     TopK or a tied SAE (whose latents move with the decoder), it is refused."""
-    t = _trainer(tmp_path, _acts(), steps=100,
+    t = _trainer(tmp_path, _acts(), steps=100, k=2,
                  architectures=["standard", "topk", "gated", "standard-tied", "standard-nosparsity"])
     frac = RECIPE_DEFAULTS["standard"]["decoder_finetune_fraction"]
     assert frac > 0 and t.finetune_start == [100 - int(100 * frac), 100, 100, 100, 100]
     for arch, extra in (("topk", {}), ("standard-tied", {})):
         with pytest.raises(ValueError, match="depend on the decoder"):
-            _trainer(tmp_path, _acts(), architectures=[arch], decoder_finetune_fraction=0.1, **extra)
+            _trainer(tmp_path, _acts(), architectures=[arch], decoder_finetune_fraction=0.1, k=2, **extra)
     with pytest.raises(ValueError, match=r"\[0, 1\)"):
         _trainer(tmp_path, _acts(), decoder_finetune_fraction=1.0)
+
+
+# ---------------------------------------------------------------------------------------------- width-dependent recipe
+
+
+def test_small_f_topk_takes_unit_rows_from_the_mean(tmp_path):
+    """TopK with k / F >= SMALL_F_TOPK_RATIO: unit rows, norm 1, b_dec = mean; wider: the free small-norm recipe.
+    The resolved recipe is recorded in training_config.json."""
+    acts = _acts()
+    t = _trainer(tmp_path, acts, architectures=["topk"], widths=["10", "30"], k=3)  # k / F = 0.3, 0.1
+    small, wide = t.members
+    assert 3 / 10 >= SMALL_F_TOPK_RATIO > 3 / 30
+    assert not small.spec.cfg.rescale_acts_by_decoder_norm and wide.spec.cfg.rescale_acts_by_decoder_norm
+    torch.testing.assert_close(small.sae.W_dec.norm(dim=-1), torch.ones(10))
+    torch.testing.assert_close(small.sae.W_enc.norm(dim=0), torch.ones(10))
+    torch.testing.assert_close(small.sae.b_dec, acts.mean(0) * t.scale)
+    torch.testing.assert_close(wide.sae.W_dec.norm(dim=-1), torch.full((30,), 0.03))
+    assert float(wide.sae.b_dec.detach().abs().max()) == 0
+    small_folder, wide_folder = t.train()
+    assert read_json(small_folder / "training_config.json")["recipe"] == {
+        "decoder_norm": "unit", "init_norm": 1.0, "b_dec_init": "mean", "decoder_finetune_fraction": 0.0}
+    assert read_json(wide_folder / "training_config.json")["recipe"]["decoder_norm"] == "free"
+
+
+def test_resume_refuses_a_recipe_that_today_s_defaults_changed(tmp_path, monkeypatch):
+    """A checkpoint trained with a free decoder is not resumed with a unit one because a default moved (new
+    checkpoints record the resolved recipe, older ones are read off their SAE config); the flag that keeps the
+    checkpoint's recipe resumes it."""
+    acts = _acts()
+    kw = dict(steps=12, checkpoint_every=4, architectures=["standard"])
+    _trainer(tmp_path, acts, **kw).train(stop_at=5)
+    monkeypatch.setitem(RECIPE_DEFAULTS, "standard", {**RECIPE_DEFAULTS["standard"], "decoder_norm": "unit"})
+    with pytest.raises(ValueError, match="--decoder-norm free"):
+        _trainer(tmp_path, acts, **kw).train(resume=True)
+    for tc in tmp_path.glob("*/F*/steps/*/training_config.json"):  # as written before the recipe was recorded
+        raw = read_json(tc)
+        del raw["recipe"]
+        tc.write_text(json.dumps(raw))
+    with pytest.raises(ValueError, match="--decoder-norm free"):
+        _trainer(tmp_path, acts, **kw).train(resume=True)
+    assert len(_trainer(tmp_path, acts, decoder_norm="free", **kw).train(resume=True)) == 1
