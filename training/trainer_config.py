@@ -113,11 +113,13 @@ class TrainerConfig:
     """unit: decoder rows renormalised to 1 after every step (the gradient along them dropped); free:
     unconstrained decoder with its row norms factored out of the latents (standard: L1 weighted by row norm;
     topk: selection on pre-activations times row norm, SAELens's rescale_acts_by_decoder_norm), folded into
-    unit rows in saved checkpoints; auto: RECIPE_DEFAULTS per architecture."""
+    unit rows in saved checkpoints; auto: RECIPE_DEFAULTS per architecture (TopK with k / F >= 0.15: unit)."""
     init_norm: float | None = None
-    """Initial norm of the encoder columns (and of free decoder rows); None: RECIPE_DEFAULTS per architecture."""
+    """Initial norm of the encoder columns (and of free decoder rows); None: RECIPE_DEFAULTS per architecture
+    (TopK with k / F >= 0.15: 1)."""
     b_dec_init: Literal["auto", "mean", "zeros"] = "auto"
-    """Initial decoder bias: the mean training activation, or zeros; auto: RECIPE_DEFAULTS per architecture."""
+    """Initial decoder bias: the mean training activation, or zeros; auto: RECIPE_DEFAULTS per architecture (TopK
+    with k / F >= 0.15: mean)."""
     aux_relu: bool = False
     """topk: ReLU the AuxK activations (False: raw pre-activations of the dead latents, as SAELens)."""
     aux_scale_dead: bool = False
