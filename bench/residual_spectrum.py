@@ -41,7 +41,8 @@ def main() -> None:
     torch.set_num_threads(1)
     bm = load_base_model(args.model)
     stories = split_stories(load_stories(args.data)).val[: args.stories]
-    acts = harvest_stories(bm, stories, args.layer, context_size=bm.context_size, progress=False)
+    # One story per row from position 0, as the trainer and the evaluation read them (not packed windows).
+    acts = harvest_stories(bm, stories, args.layer, context_size=bm.context_size, pack=False, progress=False)
     shares = spectrum(acts, args.ks)
     missing = 1 - shares[max(k for k in args.ks if k < bm.d_model)] if any(k < bm.d_model for k in args.ks) else None
     print(
