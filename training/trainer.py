@@ -162,8 +162,9 @@ class MultiSAETrainer:
             m.acc["lr"], m.acc["sparsity_coeff"] = lr, coeff
         self.step += 1
         if cfg.resample_every and self.step % cfg.resample_every == 0 and self.step < cfg.steps:
-            for m in self.members:
-                self._resample(m, x)
+            for m, finetune_start in zip(self.members, self.finetune_start, strict=True):
+                if self.step < finetune_start:  # in the fine-tuning phase the encoder stays as it is
+                    self._resample(m, x)
 
     def _reduced(self, m: Member, out: StepLosses) -> StepLosses:
         """Under torchrun: gradients and losses averaged, firing counts summed over ranks (one all-reduce)."""

@@ -247,8 +247,11 @@ def test_decoder_finetune_phase_freezes_the_latents(tmp_path, fast):
     were, the logged sparsity coefficient is 0, and the reconstruction of the training data improves."""
     acts = _acts()
     t = _trainer(tmp_path, acts, fast=fast, steps=12, decoder_finetune_fraction=0.5, decoder_norm="unit",
-                 architectures=["standard", "topk", "gated"])
+                 architectures=["standard", "topk", "gated"], resample_every=2)  # no resampling in the phase
     assert t.finetune_start == [6, 6, 6]
+    resampled_at: list[int] = []
+    resample = t._resample
+    t._resample = lambda m, x: resampled_at.append(t.step) or resample(m, x)
     for _ in range(6):
         t._train_step(t.buffer.next_batch() * t.scale)
     x = acts * t.scale
@@ -264,6 +267,7 @@ def test_decoder_finetune_phase_freezes_the_latents(tmp_path, fast):
         assert torch.equal(a.latents, b.latents)
         assert float(a.losses["L_reconstruction"].sum()) < float(b.losses["L_reconstruction"].sum())
         assert [r["sparsity_coeff"] for r in m.curve][-3:] == [0.0, 0.0, 0.0]
+    assert resampled_at == [2] * 3 + [4] * 3  # every 2 steps, but never once the phase has begun
 
 
 def test_decoder_finetune_resumes_bit_identical(tmp_path):
