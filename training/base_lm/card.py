@@ -1,6 +1,6 @@
 """The model folder `python -m training base-lm` exports: fp16 weights, tokenizer, log, loss curve, model card.
 
-The model card is one long Markdown template (`model_card`).
+The model card is a Markdown template (`model_card`) with its two tables built apart.
 """
 
 from __future__ import annotations
@@ -92,15 +92,50 @@ def plot_losses(log: list[dict[str, Any]], path: Path, best_step: int) -> None:
     plt.close(fig)
 
 
-def model_card(cfg: BaseLMConfig, model, tok, s: dict[str, Any]) -> str:
+def architecture_table(cfg: BaseLMConfig, model, s: dict[str, Any]) -> str:
+    """The model card's architecture table."""
     c = model.config
     d_mlp = c.intermediate_size or 4 * c.hidden_size
+    return f"""| | |
+| --- | --- |
+| type | GPT-Neo (`GPTNeoForCausalLM`), TinyStories-33M's layout scaled down |
+| d_model | {c.hidden_size} |
+| blocks | {c.num_layers}, attention {" / ".join(c.attention_layers)} |
+| heads | {c.num_heads} (head size {c.hidden_size // c.num_heads}) |
+| MLP | {d_mlp} (gelu_new) |
+| local attention window | {c.window_size} |
+| max positions | {c.max_position_embeddings} (trained on sequences of {cfg.context}) |
+| vocabulary | {c.vocab_size} (byte-level BPE, `<|endoftext|>` = id {c.eos_token_id} is BOS/EOS/PAD) |
+| embeddings | tied input/output |
+| parameters | {s["parameters"]:,} (stored in fp16; trained in fp32) |"""
+
+
+def training_table(cfg: BaseLMConfig, s: dict[str, Any]) -> str:
+    """The model card's training table: data, schedule, optimizer, compute."""
     minutes = s["train_seconds"] / 60
     budget_note = (
         f"; stopped by the {cfg.time_budget_minutes}-minute time budget before step {cfg.max_steps}"
         if s.get("stopped_by_time_budget")
         else ""
     )
+    return f"""| | |
+| --- | --- |
+| data | {s["train_stories"]:,} train stories of {" and ".join(f"`{Path(d).name}`" for d in s["data"])}; \
+every {cfg.val_every}th story of each ({s["val_stories"]}, {s["val_tokens"]:,} tokens) held out for validation |
+| tokens per epoch | {s["train_tokens_per_epoch"]:,} (each story followed by `<|endoftext|>`, packed into blocks \
+of {cfg.context}, story order reshuffled every epoch) |
+| steps | {s["steps"]:,} × {cfg.batch_size} sequences × {cfg.context} tokens = {s["tokens_seen"]:,} tokens \
+({s["epochs"]:.1f} epochs) |
+| optimizer | AdamW (lr {cfg.lr:g}, betas ({cfg.beta1}, {cfg.beta2}), weight decay {cfg.weight_decay}), \
+{cfg.warmup_steps} warm-up steps, cosine decay to {cfg.min_lr:g}, grad clip {cfg.grad_clip}, dropout {cfg.dropout} |
+| tokenizer | byte-level BPE trained on the train stories only (vocab {cfg.vocab_size}); \
+any Unicode text encodes without unknown tokens |
+| compute | {minutes:.1f} minutes on {s["threads"]} CPU thread{"s" if s["threads"] != 1 else ""}\
+{", bf16 autocast" if cfg.bf16 else ", fp32"}; seed {cfg.seed}{budget_note} |
+| exported weights | step {s["exported_step"]:,} ({"lowest validation loss" if cfg.keep_best else "last step"}) |"""
+
+
+def model_card(cfg: BaseLMConfig, model, tok, s: dict[str, Any]) -> str:
     sampled = "\n".join(f"{i + 1}. {_quote(t)}" for i, t in enumerate(s["samples"]["sampled"]))
     return f"""---
 license: cdla-sharing-1.0
@@ -129,36 +164,11 @@ model = AutoModelForCausalLM.from_pretrained("checkpoints/tinystories-mini")
 
 ## Architecture
 
-| | |
-| --- | --- |
-| type | GPT-Neo (`GPTNeoForCausalLM`), TinyStories-33M's layout scaled down |
-| d_model | {c.hidden_size} |
-| blocks | {c.num_layers}, attention {" / ".join(c.attention_layers)} |
-| heads | {c.num_heads} (head size {c.hidden_size // c.num_heads}) |
-| MLP | {d_mlp} (gelu_new) |
-| local attention window | {c.window_size} |
-| max positions | {c.max_position_embeddings} (trained on sequences of {cfg.context}) |
-| vocabulary | {c.vocab_size} (byte-level BPE, `<|endoftext|>` = id {c.eos_token_id} is BOS/EOS/PAD) |
-| embeddings | tied input/output |
-| parameters | {s["parameters"]:,} (stored in fp16; trained in fp32) |
+{architecture_table(cfg, model, s)}
 
 ## Training
 
-| | |
-| --- | --- |
-| data | {s["train_stories"]:,} train stories of {" and ".join(f"`{Path(d).name}`" for d in s["data"])}; \
-every {cfg.val_every}th story of each ({s["val_stories"]}, {s["val_tokens"]:,} tokens) held out for validation |
-| tokens per epoch | {s["train_tokens_per_epoch"]:,} (each story followed by `<|endoftext|>`, packed into blocks \
-of {cfg.context}, story order reshuffled every epoch) |
-| steps | {s["steps"]:,} × {cfg.batch_size} sequences × {cfg.context} tokens = {s["tokens_seen"]:,} tokens \
-({s["epochs"]:.1f} epochs) |
-| optimizer | AdamW (lr {cfg.lr:g}, betas ({cfg.beta1}, {cfg.beta2}), weight decay {cfg.weight_decay}), \
-{cfg.warmup_steps} warm-up steps, cosine decay to {cfg.min_lr:g}, grad clip {cfg.grad_clip}, dropout {cfg.dropout} |
-| tokenizer | byte-level BPE trained on the train stories only (vocab {cfg.vocab_size}); \
-any Unicode text encodes without unknown tokens |
-| compute | {minutes:.1f} minutes on {s["threads"]} CPU thread{"s" if s["threads"] != 1 else ""}\
-{", bf16 autocast" if cfg.bf16 else ", fp32"}; seed {cfg.seed}{budget_note} |
-| exported weights | step {s["exported_step"]:,} ({"lowest validation loss" if cfg.keep_best else "last step"}) |
+{training_table(cfg, s)}
 
 **Validation loss {s["val_loss"]:.3f} nats/token, perplexity {s["val_perplexity"]:.2f}** on the held-out
 stories (per token of this tokenizer; not comparable with GPT-2-tokenized numbers).
