@@ -186,10 +186,10 @@ def recipe_defaults(arch: str, d_sae: int, k: int | None = None) -> dict[str, An
     return out
 
 
-def decoder_norm_for(cfg: TrainerConfig, arch: str, d_sae: int, tied: bool = False) -> str:
-    """"unit" or "free" for this architecture and width ("auto" resolved; tied decoders and other architectures:
-    unit)."""
-    default = recipe_defaults(arch, d_sae, min(cfg.k, d_sae)).get("decoder_norm", "unit")
+def decoder_norm_for(cfg: TrainerConfig, arch: str, d_sae: int, k: int | None, tied: bool = False) -> str:
+    """"unit" or "free" for this architecture, width and k ("auto" resolved; tied decoders and other
+    architectures: unit)."""
+    default = recipe_defaults(arch, d_sae, k).get("decoder_norm", "unit")
     mode = cfg.decoder_norm if cfg.decoder_norm != "auto" else default
     if mode == "free" and (arch not in ("standard", "topk") or tied):
         if cfg.decoder_norm == "free":
@@ -257,7 +257,7 @@ def sae_config_for(cfg: TrainerConfig, run: str, d_in: int, d_sae: int, metadata
         kwargs.update(k=min(cfg.k, d_sae), aux_k=cfg.aux_k or None, aux_coeff=cfg.aux_coeff, aux_relu=cfg.aux_relu,
                       aux_scale_dead=cfg.aux_scale_dead)
     kwargs.update(overrides)
-    free = decoder_norm_for(cfg, arch, d_sae, bool(kwargs.get("tied"))) == "free"
+    free = decoder_norm_for(cfg, arch, d_sae, kwargs.get("k"), bool(kwargs.get("tied"))) == "free"
     kwargs.update(l1_decoder_norm=free and arch == "standard", rescale_acts_by_decoder_norm=free and arch == "topk")
     if arch == "topk" and not kwargs.get("aux_k"):
         kwargs["aux_k"] = None

@@ -209,8 +209,8 @@ def check_compatible(cfg: TrainerConfig, saved: dict[str, Any], folder: Path, sa
     d_in, now = sae_cfg.d_in, dataclasses.asdict(cfg)
     diff = {k: (saved_setting(saved, k, d_in), now[k]) for k in now if k not in RESUME_FREE_SETTINGS
             and k not in RESUME_RECIPE_KEYS and saved_setting(saved, k, d_in) != now[k]}
-    was, resolved = saved_recipe(read_json(folder / TRAINING_CONFIG_FILE), d_in), resolved_recipe(cfg, sae_cfg)
-    diff.update({k: (was[k], resolved[k]) for k in RESUME_RECIPE_KEYS if k in was and was[k] != resolved[k]})
+    before, resolved = saved_recipe(read_json(folder / TRAINING_CONFIG_FILE), d_in), resolved_recipe(cfg, sae_cfg)
+    diff.update({k: (before[k], resolved[k]) for k in RESUME_RECIPE_KEYS if k in before and before[k] != resolved[k]})
     if diff:
         flags = " ".join(f"--{k.replace('_', '-')} {was}" for k, (was, _) in diff.items())
         raise ValueError(f"cannot resume from {folder}: settings differ from the checkpoint's (was, now): {diff}; "
